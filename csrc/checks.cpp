@@ -1,0 +1,87 @@
+#include "checks.h"
+
+#include <c10/util/Exception.h>
+
+namespace tdpo_ext {
+
+int64_t check_token_stats_inputs(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
+                                 const at::Tensor& targets) {
+  TORCH_CHECK(policy_logits.dim() == 3,
+              "tdpo_ext: policy_logits must have shape (N, T, V), got ", policy_logits.sizes());
+  TORCH_CHECK(ref_logits.dim() == 3,
+              "tdpo_ext: ref_logits must have shape (N, T, V), got ", ref_logits.sizes());
+  TORCH_CHECK(targets.dim() == 2, "tdpo_ext: labels must have shape (N, T), got ",
+              targets.sizes());
+  TORCH_CHECK(at::isFloatingType(policy_logits.scalar_type()) &&
+                  policy_logits.scalar_type() != at::kDouble,
+              "tdpo_ext: policy_logits must be float32, bfloat16 or float16, got ",
+              policy_logits.scalar_type());
+  TORCH_CHECK(at::isFloatingType(ref_logits.scalar_type()) &&
+                  ref_logits.scalar_type() != at::kDouble,
+              "tdpo_ext: ref_logits must be float32, bfloat16 or float16, got ",
+              ref_logits.scalar_type());
+  TORCH_CHECK(!at::isFloatingType(targets.scalar_type()) && !targets.is_complex() &&
+                  targets.scalar_type() != at::kBool,
+              "tdpo_ext: labels must be an integer tensor (int64), got ", targets.scalar_type());
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "tdpo_ext: labels must be int64, got ",
+              targets.scalar_type());
+  TORCH_CHECK(policy_logits.device() == ref_logits.device() &&
+                  policy_logits.device() == targets.device(),
+              "tdpo_ext: policy_logits, ref_logits and labels must be on one device, got ",
+              policy_logits.device(), ", ", ref_logits.device(), " and ", targets.device());
+  TORCH_CHECK(policy_logits.size(2) == ref_logits.size(2),
+              "tdpo_ext: vocabulary mismatch: policy_logits has V=", policy_logits.size(2),
+              " but ref_logits has V=", ref_logits.size(2));
+  TORCH_CHECK(policy_logits.sizes() == ref_logits.sizes(),
+              "tdpo_ext: ref_logits shape ", ref_logits.sizes(),
+              " does not match policy_logits shape ", policy_logits.sizes());
+  TORCH_CHECK(policy_logits.size(0) == targets.size(0) &&
+                  policy_logits.size(1) == targets.size(1),
+              "tdpo_ext: labels shape ", targets.sizes(),
+              " does not match the (N, T) of policy_logits ", policy_logits.sizes());
+  TORCH_CHECK(policy_logits.size(1) >= 1, "tdpo_ext: sequence length T must be at least 1");
+  TORCH_CHECK(policy_logits.size(2) >= 1, "tdpo_ext: vocabulary size V must be at least 1");
+  return policy_logits.size(2);
+}
+
+void check_pair_inputs(const at::Tensor& chosen_logps_margin,
+                       const at::Tensor& rejected_logps_margin, const at::Tensor& chosen_kl,
+                       const at::Tensor& rejected_kl, double beta) {
+  TORCH_CHECK(beta > 0, "tdpo_ext: beta must be > 0, got ", beta);
+  const at::Tensor* tensors[] = {&chosen_logps_margin, &rejected_logps_margin, &chosen_kl,
+                                 &rejected_kl};
+  const char* names[] = {"chosen_logps_margin", "rejected_logps_margin", "chosen_kl",
+                         "rejected_kl"};
+  for (int i = 0; i < 4; ++i) {
+    const at::Tensor& t = *tensors[i];
+    TORCH_CHECK(t.dim() == 1, "tdpo_ext: ", names[i], " must be 1-D (one value per pair), got ",
+                t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kFloat, "tdpo_ext: ", names[i], " must be float32, got ",
+                t.scalar_type());
+    TORCH_CHECK(t.size(0) == chosen_logps_margin.size(0), "tdpo_ext: ", names[i], " has ",
+                t.size(0), " pairs but chosen_logps_margin has ", chosen_logps_margin.size(0));
+    TORCH_CHECK(t.device() == chosen_logps_margin.device(), "tdpo_ext: ", names[i], " is on ",
+                t.device(), " but chosen_logps_margin is on ", chosen_logps_margin.device());
+  }
+}
+
+Variant parse_variant(std::string_view variant) {
+  if (variant == "tdpo1") return Variant::TDPO1;
+  if (variant == "tdpo2") return Variant::TDPO2;
+  if (variant == "dpo") return Variant::DPO;
+  TORCH_CHECK(false, "tdpo_ext: unknown variant '", std::string(variant),
+              "'; expected 'tdpo1', 'tdpo2' or 'dpo'");
+}
+
+at::Tensor with_unit_vocab_stride(const at::Tensor& logits) {
+  return logits.stride(2) == 1 || logits.size(2) == 1 ? logits : logits.contiguous();
+}
+
+void fail_bad_label(int64_t row, int64_t position, int64_t label, int64_t vocab,
+                    int64_t ignore_index) {
+  TORCH_CHECK(false, "tdpo_ext: labels holds ", label, " at row ", row, " (predicted by logits position ",
+              position, "), outside the vocabulary [0, ", vocab, ") and not ignore_index (",
+              ignore_index, ")");
+}
+
+}  // namespace tdpo_ext

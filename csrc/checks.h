@@ -1,0 +1,33 @@
+// Input validation shared by the CPU and CUDA implementations, so that both devices
+// reject bad input with the same message, naming the argument.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string_view>
+
+#include "tdpo_math.h"
+
+namespace tdpo_ext {
+
+// policy_logits and ref_logits (N, T, V) floating, targets (N, T) integer, all on one
+// device. Returns V.
+int64_t check_token_stats_inputs(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
+                                 const at::Tensor& targets);
+
+// The four per-row tensors of the pairwise loss: float32, 1-D, same length and device.
+void check_pair_inputs(const at::Tensor& chosen_logps_margin,
+                       const at::Tensor& rejected_logps_margin, const at::Tensor& chosen_kl,
+                       const at::Tensor& rejected_kl, double beta);
+
+Variant parse_variant(std::string_view variant);
+
+// The kernels address logits as (row, position, vocab) with a unit vocabulary stride;
+// views such as logits[:, :-1] qualify as they are. Anything else is copied once.
+at::Tensor with_unit_vocab_stride(const at::Tensor& logits);
+
+// The message for a label outside [0, V) that is not ignore_index.
+[[noreturn]] void fail_bad_label(int64_t row, int64_t position, int64_t label, int64_t vocab,
+                                 int64_t ignore_index);
+
+}  // namespace tdpo_ext

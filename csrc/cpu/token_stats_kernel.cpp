@@ -1,0 +1,256 @@
+// Vectorized CPU kernels for the token statistics of TDPO and their gradient.
+//
+// Compiled once per CPU capability with -DCPU_CAPABILITY=<name> and the matching -m
+// flags (see setup.py and CMakeLists.txt), so at::vec::Vectorized<float> is 8 lanes
+// under AVX2, 16 under AVX512, and the scalar fallback only in the DEFAULT copy.
+#include "token_stats_kernel.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "../checks.h"
+#include "../tdpo_math.h"
+
+namespace tdpo_ext::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+// Vocabulary rows are walked in chunks that stay in L1 (two models x 8 KiB of float32):
+// a chunk's maximum is found first so that every element costs one exp, not the two
+// of a per-element online rescale; the chunk is then folded into the running state.
+constexpr int64_t kChunk = 2048;
+
+template <typename T>
+inline Vec load_as_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    Vec v;
+    at::vec::load_to_float<T>(p, v);
+    return v;
+  }
+}
+
+template <typename T>
+inline void store_from_float(T* p, const Vec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p);
+  } else {
+    at::vec::convert_from_float<T>(v, v).store(p, kLanes);
+  }
+}
+
+inline float hsum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+inline float hmax(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); },
+                                        v);
+}
+
+// exp(x - m) is evaluated with m = 0 where a chunk is all -inf, so that it gives 0
+// instead of NaN; merge_states then discards that chunk's empty state.
+inline float exp_shift(float chunk_max) { return chunk_max == -INFINITY ? 0.f : chunk_max; }
+
+template <typename P, typename R>
+SoftmaxPairState chunk_state(const P* x, const R* r, int64_t len) {
+  const int64_t vec_end = len - len % kLanes;
+  Vec vmax_x(-INFINITY), vmax_r(-INFINITY);
+  for (int64_t v = 0; v < vec_end; v += kLanes) {
+    vmax_x = at::vec::maximum(vmax_x, load_as_float(x + v));
+    vmax_r = at::vec::maximum(vmax_r, load_as_float(r + v));
+  }
+  float max_x = hmax(vmax_x), max_r = hmax(vmax_r);
+  for (int64_t v = vec_end; v < len; ++v) {
+    max_x = std::max(max_x, static_cast<float>(x[v]));
+    max_r = std::max(max_r, static_cast<float>(r[v]));
+  }
+
+  const float shift_x = exp_shift(max_x), shift_r = exp_shift(max_r);
+  const Vec vshift_x(shift_x), vshift_r(shift_r), zero(0.f);
+  Vec sum_x(0.f), sum_r(0.f), diff_sum(0.f);
+  for (int64_t v = 0; v < vec_end; v += kLanes) {
+    const Vec xv = load_as_float(x + v);
+    const Vec rv = load_as_float(r + v);
+    sum_x += (xv - vshift_x).exp_u20();
+    const Vec er = (rv - vshift_r).exp_u20();
+    sum_r += er;
+    // ref_diff_term, lane-wise: an underflowed reference probability contributes 0.
+    diff_sum += Vec::blendv(er * (rv - xv), zero, er == zero);
+  }
+  SoftmaxPairState s{max_x, hsum(sum_x), max_r, hsum(sum_r), hsum(diff_sum)};
+  for (int64_t v = vec_end; v < len; ++v) {
+    const float xv = static_cast<float>(x[v]), rv = static_cast<float>(r[v]);
+    const float er = std::exp(rv - shift_r);
+    s.sum_pol += std::exp(xv - shift_x);
+    s.sum_ref += er;
+    s.ref_diff_sum += ref_diff_term(er, rv, xv);
+  }
+  return s;
+}
+
+inline int64_t checked_target(const int64_t* targets, int64_t n, int64_t t, int64_t stride_n,
+                              int64_t stride_t, int64_t vocab, int64_t ignore_index) {
+  const int64_t y = targets[n * stride_n + t * stride_t];
+  if (y != ignore_index && (y < 0 || y >= vocab)) fail_bad_label(n, t, y, vocab, ignore_index);
+  return y;
+}
+
+// Tokens per parallel task: enough vocabulary work to amortize scheduling.
+inline int64_t grain_for(int64_t vocab) { return std::max<int64_t>(1, 32768 / vocab); }
+
+template <typename P, typename R>
+void forward_impl(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
+                  const at::Tensor& targets, int64_t ignore_index, at::Tensor& logp_pol,
+                  at::Tensor& logp_ref, at::Tensor& token_kl, at::Tensor& lse_pol,
+                  at::Tensor& lse_ref) {
+  const int64_t T = policy_logits.size(1), V = policy_logits.size(2);
+  const P* pol = policy_logits.data_ptr<P>();
+  const R* ref = ref_logits.data_ptr<R>();
+  const int64_t* tgt = targets.data_ptr<int64_t>();
+  float* out_logp_pol = logp_pol.data_ptr<float>();
+  float* out_logp_ref = logp_ref.data_ptr<float>();
+  float* out_kl = token_kl.data_ptr<float>();
+  float* out_lse_pol = lse_pol.data_ptr<float>();
+  float* out_lse_ref = lse_ref.data_ptr<float>();
+
+  at::parallel_for(0, policy_logits.size(0) * T, grain_for(V), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / T, t = i % T;
+      const int64_t y = checked_target(tgt, n, t, targets.stride(0), targets.stride(1), V,
+                                       ignore_index);
+      if (y == ignore_index) {
+        out_logp_pol[i] = out_logp_ref[i] = out_kl[i] = out_lse_pol[i] = out_lse_ref[i] = 0.f;
+        continue;
+      }
+      const P* x = pol + n * policy_logits.stride(0) + t * policy_logits.stride(1);
+      const R* r = ref + n * ref_logits.stride(0) + t * ref_logits.stride(1);
+      SoftmaxPairState state = empty_state();
+      for (int64_t c = 0; c < V; c += kChunk) {
+        state = merge_states(state, chunk_state(x + c, r + c, std::min(kChunk, V - c)));
+      }
+      const TokenStats s =
+          finish_token_stats(state, static_cast<float>(x[y]), static_cast<float>(r[y]));
+      out_logp_pol[i] = s.logp_pol;
+      out_logp_ref[i] = s.logp_ref;
+      out_kl[i] = s.token_kl;
+      out_lse_pol[i] = s.lse_pol;
+      out_lse_ref[i] = s.lse_ref;
+    }
+  });
+}
+
+// grad = coef_pol * p + coef_ref * q over the row, plus label_bonus at the label.
+// Rows whose KL gradient is zero (TDPO2's chosen rows, DPO) never read the reference.
+template <typename P, typename R, bool kReadRef>
+void write_grad_row(P* out, const P* x, const R* r, int64_t V, float lse_x, float lse_r,
+                    const TokenGradCoefs& c) {
+  const int64_t vec_end = V - V % kLanes;
+  const Vec vlse_x(lse_x), vlse_r(lse_r), vcoef_pol(c.coef_pol), vcoef_ref(c.coef_ref);
+  for (int64_t v = 0; v < vec_end; v += kLanes) {
+    Vec g = (load_as_float(x + v) - vlse_x).exp_u20() * vcoef_pol;
+    if constexpr (kReadRef) g += (load_as_float(r + v) - vlse_r).exp_u20() * vcoef_ref;
+    store_from_float(out + v, g);
+  }
+  for (int64_t v = vec_end; v < V; ++v) {
+    const float p = std::exp(static_cast<float>(x[v]) - lse_x);
+    const float q = kReadRef ? std::exp(static_cast<float>(r[v]) - lse_r) : 0.f;
+    out[v] = static_cast<P>(token_grad_element(c, p, q));
+  }
+}
+
+template <typename P, typename R>
+void backward_impl(const at::Tensor& grad_logp_pol, const at::Tensor& grad_token_kl,
+                   const at::Tensor& policy_logits, const at::Tensor& ref_logits,
+                   const at::Tensor& targets, const at::Tensor& lse_pol,
+                   const at::Tensor& lse_ref, int64_t ignore_index,
+                   at::Tensor& grad_policy_logits) {
+  const int64_t T = policy_logits.size(1), V = policy_logits.size(2);
+  const P* pol = policy_logits.data_ptr<P>();
+  const R* ref = ref_logits.data_ptr<R>();
+  const int64_t* tgt = targets.data_ptr<int64_t>();
+  const float* g_logp = grad_logp_pol.data_ptr<float>();
+  const float* g_kl = grad_token_kl.data_ptr<float>();
+  const float* lse_x = lse_pol.data_ptr<float>();
+  const float* lse_r = lse_ref.data_ptr<float>();
+  P* grad = grad_policy_logits.data_ptr<P>();
+
+  at::parallel_for(0, policy_logits.size(0) * T, grain_for(V), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / T, t = i % T;
+      P* out = grad + i * V;
+      const int64_t y = checked_target(tgt, n, t, targets.stride(0), targets.stride(1), V,
+                                       ignore_index);
+      if (y == ignore_index) {
+        std::fill(out, out + V, P(0));
+        continue;
+      }
+      const P* x = pol + n * policy_logits.stride(0) + t * policy_logits.stride(1);
+      const R* r = ref + n * ref_logits.stride(0) + t * ref_logits.stride(1);
+      const TokenGradCoefs c = token_grad_coefs(g_logp[i], g_kl[i]);
+      if (c.coef_ref != 0.f) {
+        write_grad_row<P, R, true>(out, x, r, V, lse_x[i], lse_r[i], c);
+      } else {
+        write_grad_row<P, R, false>(out, x, r, V, lse_x[i], lse_r[i], c);
+      }
+      // The label element, recomputed in float so that it is rounded once.
+      const float p_y = std::exp(static_cast<float>(x[y]) - lse_x[i]);
+      const float q_y = std::exp(static_cast<float>(r[y]) - lse_r[i]);
+      out[y] = static_cast<P>(token_grad_element(c, p_y, q_y) + c.label_bonus);
+    }
+  });
+}
+
+// Instantiates the lambda for every (policy dtype, reference dtype) pair the ops accept.
+#define TDPO_LOGITS_CASES(...)                            \
+  AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)    \
+  AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__) \
+  AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)
+#define TDPO_DISPATCH_LOGITS_PAIR(policy_type, ref_type, NAME, ...)       \
+  AT_DISPATCH_SWITCH(policy_type, NAME, TDPO_LOGITS_CASES([&] {           \
+    using policy_t = scalar_t;                                            \
+    AT_DISPATCH_SWITCH(ref_type, NAME, TDPO_LOGITS_CASES([&] {            \
+      using ref_t = scalar_t;                                             \
+      __VA_ARGS__();                                                      \
+    }));                                                                  \
+  }))
+
+}  // namespace
+
+void token_stats_kernel(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
+                        const at::Tensor& targets, int64_t ignore_index, at::Tensor& logp_pol,
+                        at::Tensor& logp_ref, at::Tensor& token_kl, at::Tensor& lse_pol,
+                        at::Tensor& lse_ref) {
+  TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
+                            "tdpo_ext::token_stats", [&] {
+                              forward_impl<policy_t, ref_t>(policy_logits, ref_logits, targets,
+                                                            ignore_index, logp_pol, logp_ref,
+                                                            token_kl, lse_pol, lse_ref);
+                            });
+}
+
+void token_stats_backward_kernel(const at::Tensor& grad_logp_pol,
+                                 const at::Tensor& grad_token_kl,
+                                 const at::Tensor& policy_logits, const at::Tensor& ref_logits,
+                                 const at::Tensor& targets, const at::Tensor& lse_pol,
+                                 const at::Tensor& lse_ref, int64_t ignore_index,
+                                 at::Tensor& grad_policy_logits) {
+  TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
+                            "tdpo_ext::token_stats_backward", [&] {
+                              backward_impl<policy_t, ref_t>(
+                                  grad_logp_pol, grad_token_kl, policy_logits, ref_logits,
+                                  targets, lse_pol, lse_ref, ignore_index, grad_policy_logits);
+                            });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace tdpo_ext::cpu

