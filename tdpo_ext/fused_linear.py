@@ -1,0 +1,470 @@
+"""Fused linear TDPO: the TDPO loss and its gradients from hidden states and LM-head
+weights, without ever materializing the (N, T, V) logits of either model.
+
+Two ops, both opaque to torch.compile (Python custom ops with fake kernels and autograd
+registered right here), work on the flat list of tokens:
+
+- ``tdpo_ext::fused_linear_token_stats``: for each chunk of unmasked tokens, the logits
+  of both models (``F.linear`` in each model's own dtype, the reference's under no grad)
+  go through ``tdpo_ext::token_stats``; only the per-token statistics are kept.
+- ``tdpo_ext::fused_linear_token_stats_backward``: for each chunk, the policy logits are
+  recomputed (and the reference logits only for tokens whose ``token_kl`` gradient is
+  nonzero: none for DPO, the rejected rows only for TDPO2), ``tdpo_ext::token_stats_backward``
+  gives the chunk's logits gradient, and the matmuls turn it into the gradients of the
+  hidden states, the weight (accumulated in place with ``addmm_``) and the bias.
+
+Masked tokens (prompt, padding) are gathered out first, so they cost neither memory nor
+matmul work. The row reduction and the pairwise loss are those of tdpo_loss
+(``reduce_token_stats`` and ``pairwise_output`` in ops.py).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .ops import (TDPOOutput, _check_hyper, _check_labels, pairwise_output, reduce_token_stats,
+                  shift_labels)
+
+__all__ = ["fused_linear_tdpo_loss", "auto_chunk_size", "lm_head_of", "CHUNK_BUDGET_BYTES"]
+
+# Bytes that one chunk's working set may take, per device type (see auto_chunk_size).
+CHUNK_BUDGET_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
+_DEFAULT_BUDGET = 64 << 20
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def auto_chunk_size(vocab: int, policy_hidden_size: int, ref_hidden_size: Optional[int] = None,
+                    policy_dtype: torch.dtype = torch.float32,
+                    ref_dtype: Optional[torch.dtype] = None,
+                    device: torch.device | str = "cpu") -> int:
+    """Tokens per chunk when chunk_size is None: as many as fit the byte budget
+    CHUNK_BUDGET_BYTES[device type] (64 MiB on CPU, 256 MiB on CUDA) at the backward's
+    peak, which holds three (C, V) buffers at once (policy logits and logits gradient in
+    the policy dtype, reference logits in the reference dtype) and the gathered hidden
+    rows of both models:
+
+        per_token = V * (2 p + r) + 2 * (H_pol p + H_ref r)      (p, r: itemsizes)
+        chunk = max(1, budget // per_token), rounded down to a multiple of 8 if >= 8
+
+    The forward holds two of those buffers, so it stays under the budget too. The rule
+    depends on V, H and the dtypes only, never on N * T: the extra memory is bounded
+    whatever the batch. (One chunk size for every phase keeps the buffers one size, so
+    that the allocator reuses the same blocks instead of fragmenting.)"""
+    ref_hidden_size = policy_hidden_size if ref_hidden_size is None else ref_hidden_size
+    ref_dtype = policy_dtype if ref_dtype is None else ref_dtype
+    p, r = _itemsize(policy_dtype), _itemsize(ref_dtype)
+    per_token = vocab * (2 * p + r) + 2 * (policy_hidden_size * p + ref_hidden_size * r)
+    budget = CHUNK_BUDGET_BYTES.get(torch.device(device).type, _DEFAULT_BUDGET)
+    chunk = max(1, budget // per_token)
+    return chunk - chunk % 8 if chunk >= 8 else chunk
+
+
+def _chunk_for(chunk_size: int, n_tokens: int, policy_weight: Tensor, ref_weight: Tensor) -> int:
+    """chunk_size, or the automatic one where chunk_size is 0; never above n_tokens."""
+    if chunk_size <= 0:
+        chunk_size = auto_chunk_size(policy_weight.shape[0], policy_weight.shape[1],
+                                     ref_weight.shape[1], policy_weight.dtype, ref_weight.dtype,
+                                     policy_weight.device)
+    return max(1, min(chunk_size, n_tokens))
+
+
+def _linear_into(buffer: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """hidden @ weight.T + bias into the first rows of a preallocated (C, V) buffer, as a
+    (1, rows, V) tensor: the chunks reuse one allocation instead of a fresh one each."""
+    out = buffer[:hidden.shape[0]]
+    if bias is None:
+        torch.mm(hidden, weight.t(), out=out)
+    else:
+        torch.addmm(bias, hidden, weight.t(), out=out)
+    return out.unsqueeze(0)
+
+
+# ---------------------------------------------------------------------------------------
+# The ops
+
+def _check_targets_in_vocab(targets_flat: Tensor, idx: Tensor, vocab: int, seq_len: int):
+    """A clear error, with the label's place in the batch, for an unmasked label outside
+    the vocabulary (the C++ kernels would name a position inside a chunk)."""
+    t = targets_flat.index_select(0, idx)
+    bad = (t < 0) | (t >= vocab)
+    if bool(bad.any()):
+        first = int(idx[bad.nonzero()[0, 0]])
+        row, pos = divmod(first, seq_len)
+        raise ValueError(
+            f"tdpo_ext: labels holds {int(targets_flat[first])} at row {row}, position "
+            f"{pos + 1}, outside the vocabulary [0, {vocab}) and not ignore_index")
+
+
+@torch.library.custom_op("tdpo_ext::fused_linear_token_stats", mutates_args=())
+def _fused_linear_token_stats(policy_hidden: Tensor, policy_weight: Tensor,
+                              policy_bias: Optional[Tensor], ref_hidden: Tensor,
+                              ref_weight: Tensor, ref_bias: Optional[Tensor], targets: Tensor,
+                              ignore_index: int, chunk_size: int
+                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-token (logp_pol, logp_ref, token_kl, lse_pol, lse_ref), each float32 shaped
+    like targets (N, T) (already shifted), 0 where masked: token_stats of the logits
+    hidden @ weight.T + bias of each model, computed chunk by chunk."""
+    seq_len = targets.shape[-1]
+    tgt = targets.reshape(-1)
+    hp = policy_hidden.reshape(-1, policy_hidden.shape[-1])
+    hr = ref_hidden.reshape(-1, ref_hidden.shape[-1])
+    outs = [torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+            for _ in range(5)]
+    flat_outs = [o.view(-1) for o in outs]
+    idx = (tgt != ignore_index).nonzero().squeeze(1)
+    vocab = policy_weight.shape[0]
+    _check_targets_in_vocab(tgt, idx, vocab, seq_len)
+    chunk = _chunk_for(chunk_size, idx.numel(), policy_weight, ref_weight)
+    pol_buf = policy_hidden.new_empty((chunk, vocab))
+    ref_buf = ref_hidden.new_empty((chunk, vocab))
+    with torch.autocast(policy_hidden.device.type, enabled=False):
+        for start in range(0, idx.numel(), chunk):
+            i = idx[start:start + chunk]
+            pol = _linear_into(pol_buf, hp.index_select(0, i), policy_weight, policy_bias)
+            ref = _linear_into(ref_buf, hr.index_select(0, i), ref_weight, ref_bias)
+            stats = torch.ops.tdpo_ext.token_stats(pol, ref, tgt.index_select(0, i).unsqueeze(0),
+                                                   ignore_index)
+            for out, stat in zip(flat_outs, stats):
+                out.index_copy_(0, i, stat[0])
+    return tuple(outs)
+
+
+@_fused_linear_token_stats.register_fake
+def _fused_linear_token_stats_fake(policy_hidden, policy_weight, policy_bias, ref_hidden,
+                                   ref_weight, ref_bias, targets, ignore_index, chunk_size):
+    return tuple(targets.new_empty(targets.shape, dtype=torch.float32) for _ in range(5))
+
+
+@torch.library.custom_op("tdpo_ext::fused_linear_token_stats_backward", mutates_args=())
+def _fused_linear_token_stats_backward(
+        grad_logp_pol: Tensor, grad_token_kl: Tensor, policy_hidden: Tensor,
+        policy_weight: Tensor, policy_bias: Optional[Tensor], ref_hidden: Tensor,
+        ref_weight: Tensor, ref_bias: Optional[Tensor], targets: Tensor, lse_pol: Tensor,
+        lse_ref: Tensor, ignore_index: int, chunk_size: int, need_hidden: bool,
+        need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_policy_hidden, grad_policy_weight, grad_policy_bias) from the upstream
+    gradients of logp_pol and token_kl; a gradient not needed is an empty tensor."""
+    tgt = targets.reshape(-1)
+    hp = policy_hidden.reshape(-1, policy_hidden.shape[-1])
+    hr = ref_hidden.reshape(-1, ref_hidden.shape[-1])
+    g_lp = grad_logp_pol.reshape(-1).to(torch.float32)
+    g_kl = grad_token_kl.reshape(-1).to(torch.float32)
+    lse_p, lse_r = lse_pol.reshape(-1), lse_ref.reshape(-1)
+    vocab = policy_weight.shape[0]
+    dev = policy_hidden.device
+
+    grad_hidden = (torch.zeros_like(hp) if need_hidden
+                   else policy_hidden.new_empty(0))
+    # The weight gradient is accumulated in place, chunk after chunk, in the weight's dtype.
+    grad_weight = (torch.zeros_like(policy_weight) if need_weight
+                   else policy_weight.new_empty(0))
+    grad_bias = (torch.zeros(vocab, dtype=torch.float32, device=dev) if need_bias
+                 else policy_weight.new_empty(0))
+    if not (need_hidden or need_weight or need_bias):
+        return grad_hidden, grad_weight, grad_bias
+
+    # Tokens with a zero gradient (masked ones, and e.g. pairs whose loss gets none)
+    # contribute nothing; tokens whose KL gradient is 0 need no reference logits.
+    active = (tgt != ignore_index) & ((g_lp != 0) | (g_kl != 0))
+    needs_ref = active & (g_kl != 0)
+    groups = ((needs_ref.nonzero().squeeze(1), True),
+              ((active & ~needs_ref).nonzero().squeeze(1), False))
+    chunk = _chunk_for(chunk_size, max(g.numel() for g, _ in groups), policy_weight, ref_weight)
+    pol_buf = policy_hidden.new_empty((chunk, vocab))
+    ref_buf = ref_hidden.new_empty((chunk, vocab)) if groups[0][0].numel() else None
+    with torch.autocast(dev.type, enabled=False):
+        for idx, with_ref in groups:
+            for start in range(0, idx.numel(), chunk):
+                i = idx[start:start + chunk]
+                h = hp.index_select(0, i)
+                pol = _linear_into(pol_buf, h, policy_weight, policy_bias)
+                if with_ref:
+                    ref = _linear_into(ref_buf, hr.index_select(0, i), ref_weight, ref_bias)
+                else:
+                    # token_stats_backward does not read the reference of a row whose KL
+                    # gradient is 0: one zero row, broadcast, stands in for it.
+                    ref = torch.zeros((1, 1, vocab), dtype=ref_weight.dtype,
+                                      device=dev).expand(1, i.numel(), vocab)
+                grad_logits = torch.ops.tdpo_ext.token_stats_backward(
+                    g_lp.index_select(0, i).unsqueeze(0), g_kl.index_select(0, i).unsqueeze(0),
+                    pol, ref, tgt.index_select(0, i).unsqueeze(0),
+                    lse_p.index_select(0, i).unsqueeze(0), lse_r.index_select(0, i).unsqueeze(0),
+                    ignore_index)[0]
+                if need_hidden:
+                    grad_hidden.index_copy_(0, i, grad_logits @ policy_weight)
+                if need_weight:
+                    grad_weight.addmm_(grad_logits.t(), h)
+                if need_bias:
+                    grad_bias += grad_logits.sum(0, dtype=torch.float32)
+                del grad_logits
+    del pol_buf, ref_buf
+    if need_hidden:
+        grad_hidden = grad_hidden.view(policy_hidden.shape)
+    if need_bias:
+        grad_bias = grad_bias.to(policy_bias.dtype if policy_bias is not None
+                                 else policy_weight.dtype)
+    return grad_hidden, grad_weight, grad_bias
+
+
+@_fused_linear_token_stats_backward.register_fake
+def _fused_linear_token_stats_backward_fake(grad_logp_pol, grad_token_kl, policy_hidden,
+                                            policy_weight, policy_bias, ref_hidden, ref_weight,
+                                            ref_bias, targets, lse_pol, lse_ref, ignore_index,
+                                            chunk_size, need_hidden, need_weight, need_bias):
+    grad_hidden = policy_hidden.new_empty(policy_hidden.shape if need_hidden else (0,))
+    grad_weight = policy_weight.new_empty(policy_weight.shape if need_weight else (0,))
+    if need_bias:
+        dtype = policy_bias.dtype if policy_bias is not None else policy_weight.dtype
+        grad_bias = policy_weight.new_empty((policy_weight.shape[0],), dtype=dtype)
+    else:
+        grad_bias = policy_weight.new_empty((0,))
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _fused_setup_context(ctx, inputs, output):
+    (policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, targets,
+     ignore_index, chunk_size) = inputs
+    *_, lse_pol, lse_ref = output
+    ctx.save_for_backward(policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight,
+                          ref_bias, targets, lse_pol, lse_ref)
+    ctx.ignore_index = ignore_index
+    ctx.chunk_size = chunk_size
+    ctx.mark_non_differentiable(output[1], lse_pol, lse_ref)
+
+
+def _fused_backward(ctx, grad_logp_pol, grad_logp_ref, grad_token_kl, grad_lse_pol,
+                    grad_lse_ref):
+    # Only logp_pol and token_kl depend on the policy; nothing flows into the reference.
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    nothing = (None,) * 9
+    if (grad_logp_pol is None and grad_token_kl is None) or not (
+            need_hidden or need_weight or need_bias):
+        return nothing
+    (policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, targets,
+     lse_pol, lse_ref) = ctx.saved_tensors
+    if grad_logp_pol is None:
+        grad_logp_pol = torch.zeros_like(lse_pol)
+    if grad_token_kl is None:
+        grad_token_kl = torch.zeros_like(lse_pol)
+    need_bias = bool(need_bias and policy_bias is not None)
+    grad_hidden, grad_weight, grad_bias = torch.ops.tdpo_ext.fused_linear_token_stats_backward(
+        grad_logp_pol, grad_token_kl, policy_hidden, policy_weight, policy_bias, ref_hidden,
+        ref_weight, ref_bias, targets, lse_pol, lse_ref, ctx.ignore_index, ctx.chunk_size,
+        bool(need_hidden), bool(need_weight), need_bias)
+    return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
+            grad_bias if need_bias else None, None, None, None, None, None, None)
+
+
+_fused_linear_token_stats.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# Public function
+
+def _check_model_inputs(name: str, hidden, weight, bias, labels) -> None:
+    for what, t in ((f"{name}_hidden", hidden), (f"{name}_weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tdpo_ext: {what} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"tdpo_ext: {what} must be float32, bfloat16 or float16, got "
+                            f"{t.dtype}")
+    if hidden.dim() != 3:
+        raise ValueError(f"tdpo_ext: {name}_hidden must have shape (N, T, H), got "
+                         f"{tuple(hidden.shape)}")
+    if tuple(hidden.shape[:2]) != tuple(labels.shape):
+        raise ValueError(f"tdpo_ext: labels shape {tuple(labels.shape)} does not match the "
+                         f"(N, T) of {name}_hidden {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"tdpo_ext: {name}_weight must have shape (V, H) with H = "
+                         f"{hidden.shape[2]} (from {name}_hidden), got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"tdpo_ext: {name}_hidden is {hidden.dtype} but {name}_weight is "
+                        f"{weight.dtype}; cast one to the other (the logits are computed in "
+                        "that dtype, as the model's LM head would)")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"tdpo_ext: {name}_bias must have shape (V,) = "
+                             f"({weight.shape[0]},), got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else bias}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"tdpo_ext: {name}_bias is {bias.dtype} but {name}_weight is "
+                            f"{weight.dtype}")
+
+
+def fused_linear_tdpo_loss(policy_hidden: Tensor, policy_weight: Tensor, ref_hidden: Tensor,
+                           ref_weight: Tensor, labels: Tensor, *,
+                           policy_bias: Optional[Tensor] = None,
+                           ref_bias: Optional[Tensor] = None, beta: float = 0.1,
+                           alpha: float = 0.5, variant: str = "tdpo2", ignore_index: int = -100,
+                           average_log_prob: bool = False,
+                           chunk_size: Optional[int] = None) -> TDPOOutput:
+    """tdpo_loss of the logits ``hidden @ weight.T + bias`` of each model, computed chunk
+    by chunk of tokens so that neither (N, T, V) logits tensor ever exists.
+
+    Args:
+        policy_hidden, ref_hidden: (N, T, H_pol) and (N, T, H_ref) final hidden states
+            (what the LM head reads), each in its model's dtype (float32, bfloat16 or
+            float16); the two models may differ in H and dtype.
+        policy_weight, ref_weight: (V, H) LM-head weights, same dtype as their hidden
+            states; V must agree.
+        labels: (N, T) int64, as for tdpo_loss: N = 2B rows, chosen first, then rejected;
+            the hidden state at t predicts labels at t + 1; ``ignore_index`` masks.
+        policy_bias, ref_bias: optional (V,) LM-head biases.
+        beta, alpha, variant, ignore_index, average_log_prob: as for tdpo_loss.
+        chunk_size: tokens per chunk; None picks auto_chunk_size(V, H, ...), which bounds
+            the extra memory by a fixed budget whatever N * T.
+
+    Returns:
+        TDPOOutput, equal to tdpo_loss on the materialized logits up to float32 rounding.
+        Differentiable w.r.t. policy_hidden, policy_weight and policy_bias; nothing flows
+        into the reference.
+    """
+    _check_hyper(beta, variant)
+    _check_labels(labels)
+    _check_model_inputs("policy", policy_hidden, policy_weight, policy_bias, labels)
+    _check_model_inputs("ref", ref_hidden, ref_weight, ref_bias, labels)
+    if ref_weight.shape[0] != policy_weight.shape[0]:
+        raise ValueError(f"tdpo_ext: vocabulary mismatch: policy_weight has V="
+                         f"{policy_weight.shape[0]} but ref_weight has V={ref_weight.shape[0]}")
+    devices = {t.device for t in (policy_hidden, policy_weight, ref_hidden, ref_weight, labels,
+                                  policy_bias, ref_bias) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"tdpo_ext: all inputs must be on one device, got {sorted(map(str, devices))}")
+    if labels.shape[0] % 2:
+        raise ValueError("tdpo_ext: fused_linear_tdpo_loss needs an even number of rows "
+                         f"(B chosen, then B rejected), got N={labels.shape[0]}")
+    if chunk_size is None:
+        chunk_size = 0  # automatic (auto_chunk_size), worked out inside the ops
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"tdpo_ext: chunk_size must be a positive int or None, got {chunk_size!r}")
+
+    targets = shift_labels(labels, ignore_index)
+    logp_pol, logp_ref, token_kl, _, _ = torch.ops.tdpo_ext.fused_linear_token_stats(
+        policy_hidden, policy_weight, policy_bias, ref_hidden.detach(), ref_weight.detach(),
+        None if ref_bias is None else ref_bias.detach(), targets, ignore_index, chunk_size)
+    logps_margin, seq_kl, policy_logps = reduce_token_stats(
+        logp_pol, logp_ref, token_kl, targets, ignore_index, average_log_prob)
+    return pairwise_output(logps_margin, seq_kl, policy_logps, beta=beta, alpha=alpha,
+                           variant=variant)
+
+
+# ---------------------------------------------------------------------------------------
+# HF causal LMs: body and LM head
+
+# Config fields of HF models that change the logits after (or the hidden states before)
+# the LM head: soft-capping, scaling, multipliers. A model with one of them set to
+# anything but "off" cannot be fused as body -> plain linear head.
+_HEAD_MODIFIERS = {
+    "final_logit_softcapping": None,       # Gemma 2/3/4, ...: cap * tanh(logits / cap)
+    "logit_softcapping": None,
+    "logit_scale": 1.0,                    # Cohere: logits * logit_scale
+    "logits_scaling": 1.0,                 # Granite: logits / logits_scaling
+    "output_multiplier": 1.0,
+    "lm_head_multiplier": 1.0,             # Falcon-H1: logits * lm_head_multiplier
+    "logits_mup_width_multiplier": 1.0,
+    "dim_model_base": None,                # MiniCPM: hidden / (hidden_size / dim_model_base)
+    "mup_enabled": False,
+}
+
+
+def _configs_of(model):
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    configs = [config]
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text):
+        try:
+            text = get_text()
+        except Exception:  # noqa: BLE001  (exotic configs)
+            text = None
+        if text is not None and text is not config:
+            configs.append(text)
+    return configs
+
+
+def lm_head_of(model, *, verify_input_ids: Optional[Tensor] = None):
+    """(body, weight, bias) of an HF causal LM whose logits are ``body(...)`` 's last
+    hidden state through a plain ``nn.Linear`` head (tied to the input embeddings or
+    not), for fused_linear_tdpo_loss.
+
+    The body is ``model.get_decoder()`` (or ``model.model``, or ``model.base_model``);
+    ``body(input_ids, attention_mask=...).last_hidden_state`` is what the head reads.
+
+    Raises ValueError, naming the model class, for heads it cannot fuse: no output
+    embeddings, a head that is not exactly ``nn.Linear`` (adapters, quantized layers),
+    logit soft-capping or scaling in the config, or no body to be found. With
+    ``verify_input_ids`` (a few token ids, (1, T)), it also checks numerically that
+    ``head(body(ids))`` equals ``model(ids).logits`` and refuses if it does not, which
+    catches what the config does not say.
+    """
+    name = type(model).__name__
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: it has no output "
+                         "embeddings (get_output_embeddings() is None)")
+    if type(head) is not torch.nn.Linear:
+        raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: it is "
+                         f"{type(head).__module__}.{type(head).__qualname__}, not a plain "
+                         "torch.nn.Linear (adapters, quantized or custom heads are not fused)")
+    if head.weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: its weight is "
+                         f"{head.weight.dtype}")
+    for config in _configs_of(model):
+        for field, off in _HEAD_MODIFIERS.items():
+            value = getattr(config, field, off)
+            if value is not None and value != off and not (off is None and value is False):
+                raise ValueError(
+                    f"tdpo_ext: cannot fuse the LM head of {name}: its config sets "
+                    f"{field}={value!r}, which changes the logits beyond a linear layer")
+    if getattr(model, "logit_softcap", None) is not None or \
+            getattr(model, "final_logits_bias", None) is not None:
+        raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: it modifies the "
+                         "logits after the linear head")
+
+    body = None
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            body = get_decoder()
+        except Exception:  # noqa: BLE001  (models that need a bespoke rule raise)
+            body = None
+    if body is None or body is model:
+        body = getattr(model, "model", None)
+    if not isinstance(body, torch.nn.Module) or body is model:
+        base = getattr(model, "base_model", None)
+        body = base if isinstance(base, torch.nn.Module) and base is not model else None
+    if body is None:
+        raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: found no body "
+                         "(get_decoder(), .model or .base_model) that yields its hidden states")
+    if head in list(body.modules()):
+        raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: the body found "
+                         f"({type(body).__name__}) contains the head itself")
+
+    if verify_input_ids is not None:
+        with torch.no_grad():
+            logits = model(input_ids=verify_input_ids).logits
+            hidden = _last_hidden_state(body(input_ids=verify_input_ids))
+            fused = F.linear(hidden, head.weight, head.bias)
+        if fused.shape != logits.shape or not torch.allclose(
+                fused.float(), logits.float(), rtol=1e-3, atol=1e-3):
+            diff = ((fused.float() - logits.float()).abs().max().item()
+                    if fused.shape == logits.shape else "shape mismatch")
+            raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: "
+                             "head(body(ids)) differs from model(ids).logits (max |diff| "
+                             f"{diff}); the model changes its logits beyond a linear head")
+    return body, head.weight, head.bias
+
+
+def _last_hidden_state(output) -> Tensor:
+    """The last hidden state from a body's output (a ModelOutput or a tuple)."""
+    hidden = getattr(output, "last_hidden_state", None)
+    return output[0] if hidden is None else hidden
