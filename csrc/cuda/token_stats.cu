@@ -1,0 +1,509 @@
+// CUDA implementations of tdpo_ext::token_stats and token_stats_backward, with the
+// semantics of the CPU kernels (csrc/cpu/token_stats_kernel.cpp): float32 math whatever
+// the logits dtypes, outputs 0 on masked tokens, the gradient contiguous in the policy
+// dtype with zeros on masked tokens.
+//
+// Label validation cost. A label outside [0, V) that is not ignore_index raises the
+// CPU op's error (fail_bad_label), not a device-side assert. The forward kernel records
+// the first such row (atomicMin on one device int64) and the host reads it back once per
+// token_stats call: one 8-byte device-to-host copy and a synchronization of the current
+// stream. That wait, not the copy, is the cost: the host blocks until every kernel queued
+// before it on the stream has run, so Python can no longer queue work ahead of the GPU
+// across this op, and the op cannot be captured in a CUDA graph. token_stats_backward
+// does not synchronize: it gets the labels that its forward already checked (autograd
+// saves them), and gives an out-of-range label's row a zero gradient instead of raising
+// (the CPU op raises).
+//
+// Memory-bound design: each unmasked vocabulary row is read once per direction, in 16-byte
+// vector loads coalesced across the threads of a row, with no (N, T, V) temporaries.
+//  - A row is processed by a team of threads: a warp for V <= kWarpRowMaxVocab (8 rows
+//    per 256-thread block), otherwise the whole 256-thread block.
+//  - Forward: every thread folds chunks of its elements into an online SoftmaxPairState
+//    of both models (merge_states, tdpo_math.h); the team merges the states by warp
+//    shuffles, then across warps through shared memory; lane 0 finishes the token.
+//  - Backward: p and q are recomputed from the lse saved by the forward; one write per
+//    element, the label's label_bonus added before the single rounding to the policy dtype.
+//  - Vectors: 16 bytes of the narrower logits dtype per step (8 elements for bf16/fp16,
+//    4 for fp32), loaded as whole 16-byte words of each tensor. A row pointer need not be
+//    16-byte aligned (logits[:, :-1] with odd V, a storage offset): the row is walked
+//    element by element up to the first offset at which every tensor of the row is
+//    aligned, in vectors from there, and element by element again for the last < 8
+//    elements. Where no offset aligns them all (rows of different alignment), the whole
+//    row is walked element by element, still coalesced.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <tuple>
+
+#include "../checks.h"
+#include "../tdpo_math.h"
+
+namespace tdpo_ext::cuda {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kBlockThreads = 256;
+// Up to this V a warp owns a row. A block on such a row would give each of its threads
+// at most one 16-byte vector of bf16 (256 x 8 = 2048 elements) and still pay a
+// barrier-synchronized reduction per row.
+constexpr int64_t kWarpRowMaxVocab = 2048;
+// Forward: vectors per thread folded as one chunk, so that merge_states' rescaling (four
+// exps) is paid once per 2 x 8 bf16 elements (2 x 4 fp32) rather than per vector.
+constexpr int kUnroll = 2;
+
+// Elements per vector step: 16 bytes of the narrower dtype, a whole number of 16-byte
+// words of each (two for a float32 tensor beside a bf16 one).
+template <typename A, typename B>
+constexpr int vec_elems() {
+  return static_cast<int>(16 / (sizeof(A) < sizeof(B) ? sizeof(A) : sizeof(B)));
+}
+
+template <typename T, int kN>
+struct alignas(16) Pack {
+  static_assert(kN * sizeof(T) % 16 == 0, "a Pack is whole 16-byte words");
+  T v[kN];
+};
+
+template <int kN, typename T>
+__device__ __forceinline__ void load_floats(const T* p, float* out) {
+  const Pack<T, kN> pack = *reinterpret_cast<const Pack<T, kN>*>(p);
+#pragma unroll
+  for (int j = 0; j < kN; ++j) out[j] = static_cast<float>(pack.v[j]);
+}
+
+template <int kN, typename T>
+__device__ __forceinline__ void store_floats(T* p, const float* in) {
+  Pack<T, kN> pack;
+#pragma unroll
+  for (int j = 0; j < kN; ++j) pack.v[j] = static_cast<T>(in[j]);
+  *reinterpret_cast<Pack<T, kN>*>(p) = pack;
+}
+
+template <typename T>
+__device__ __forceinline__ bool aligned16(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// A row is walked as [0, vec_begin) element by element, [vec_begin, vec_end) in vectors
+// of kVec elements and [vec_end, V) element by element. Without an offset at which every
+// row pointer is 16-byte aligned (or without room for one vector) both are V.
+struct RowSplit {
+  int64_t vec_begin;
+  int64_t vec_end;
+};
+
+// Every pointer advances a whole number of 16-byte words per kVec elements, so the
+// offsets [0, kVec) are the only candidates for the start of the vectors.
+template <int kVec, typename... Ts>
+__device__ __forceinline__ RowSplit split_row(int64_t vocab, const Ts*... rows) {
+  for (int64_t head = 0; head < kVec && head + kVec <= vocab; ++head) {
+    if ((aligned16(rows + head) && ...)) {
+      return {head, head + (vocab - head) / kVec * kVec};
+    }
+  }
+  return {vocab, vocab};
+}
+
+// Strides of the (N, T, V) logits and (N, T) labels; row = n * T + t indexes the outputs.
+struct RowLayout {
+  int64_t rows, seq_len, vocab;
+  int64_t pol_stride_n, pol_stride_t;
+  int64_t ref_stride_n, ref_stride_t;
+  int64_t tgt_stride_n, tgt_stride_t;
+};
+
+RowLayout make_layout(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
+                      const at::Tensor& targets) {
+  return {targets.size(0) * targets.size(1), targets.size(1), policy_logits.size(2),
+          policy_logits.stride(0), policy_logits.stride(1), ref_logits.stride(0),
+          ref_logits.stride(1), targets.stride(0), targets.stride(1)};
+}
+
+// The team (a warp or the block) of a row: every thread of a team shares the row, so an
+// early return or a branch on the row's label is uniform across the team.
+template <int kTeam>
+struct TeamPosition {
+  static constexpr int kRowsPerBlock = kBlockThreads / kTeam;
+  int64_t row;
+  int lane;
+
+  __device__ TeamPosition()
+      : row(static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kTeam),
+        lane(static_cast<int>(threadIdx.x % kTeam)) {}
+};
+
+// ---------------------------------------------------------------------------------
+// Forward
+
+// The exp shift of a chunk: its maximum, or 0 for an all -inf chunk, whose elements then
+// give exp(-inf) = 0 rather than exp(-inf - -inf) = NaN (the CPU kernel's exp_shift);
+// merge_states then discards the empty state.
+__device__ __forceinline__ float exp_shift(float chunk_max) {
+  return chunk_max == -INFINITY ? 0.f : chunk_max;
+}
+
+// Folds kN elements of each model into `state` (a pair of -inf pads adds nothing): the
+// chunk's own state in the frame of its maximum, then merge_states.
+template <int kN>
+__device__ __forceinline__ void fold_chunk(SoftmaxPairState& state, const float* x,
+                                           const float* r) {
+  float max_x = -INFINITY, max_r = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    max_x = fmaxf(max_x, x[j]);
+    max_r = fmaxf(max_r, r[j]);
+  }
+  const float shift_x = exp_shift(max_x), shift_r = exp_shift(max_r);
+  SoftmaxPairState chunk{max_x, 0.f, max_r, 0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    const float er = expf(r[j] - shift_r);
+    chunk.sum_pol += expf(x[j] - shift_x);
+    chunk.sum_ref += er;
+    chunk.ref_diff_sum += ref_diff_term(er, r[j], x[j]);
+  }
+  state = merge_states(state, chunk);
+}
+
+// Elements [begin, end) one per lane per load, kN loads folded as a chunk. kN = 1 for
+// the few elements around the vectors, wider when a whole row is unaligned.
+template <int kN, int kTeam, typename P, typename R>
+__device__ __forceinline__ void fold_strided(SoftmaxPairState& state, const P* x, const R* r,
+                                             int64_t begin, int64_t end, int lane) {
+  for (int64_t v = begin + lane; v < end; v += static_cast<int64_t>(kN) * kTeam) {
+    float xs[kN], rs[kN];
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+      const int64_t e = v + static_cast<int64_t>(j) * kTeam;
+      xs[j] = e < end ? static_cast<float>(x[e]) : -INFINITY;
+      rs[j] = e < end ? static_cast<float>(r[e]) : -INFINITY;
+    }
+    fold_chunk<kN>(state, xs, rs);
+  }
+}
+
+// n_vec vectors of kVec elements from 16-byte aligned x and r; lane l takes vectors l,
+// l + kTeam, ... so that a warp's loads of one step are contiguous.
+template <int kVec, int kTeam, typename P, typename R>
+__device__ __forceinline__ void fold_vectors(SoftmaxPairState& state, const P* x, const R* r,
+                                             int64_t n_vec, int lane) {
+  constexpr int kN = kVec * kUnroll;
+  for (int64_t k = lane; k < n_vec; k += static_cast<int64_t>(kUnroll) * kTeam) {
+    float xs[kN], rs[kN];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t vk = k + static_cast<int64_t>(u) * kTeam;
+      if (vk < n_vec) {
+        load_floats<kVec>(x + vk * kVec, xs + u * kVec);
+        load_floats<kVec>(r + vk * kVec, rs + u * kVec);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) xs[u * kVec + j] = rs[u * kVec + j] = -INFINITY;
+      }
+    }
+    fold_chunk<kN>(state, xs, rs);
+  }
+}
+
+__device__ __forceinline__ SoftmaxPairState shfl_xor_state(const SoftmaxPairState& s,
+                                                           int mask) {
+  constexpr unsigned kAll = 0xffffffffu;
+  return {__shfl_xor_sync(kAll, s.max_pol, mask), __shfl_xor_sync(kAll, s.sum_pol, mask),
+          __shfl_xor_sync(kAll, s.max_ref, mask), __shfl_xor_sync(kAll, s.sum_ref, mask),
+          __shfl_xor_sync(kAll, s.ref_diff_sum, mask)};
+}
+
+__device__ __forceinline__ SoftmaxPairState warp_merge(SoftmaxPairState s) {
+#pragma unroll
+  for (int mask = kWarp / 2; mask > 0; mask /= 2) s = merge_states(s, shfl_xor_state(s, mask));
+  return s;
+}
+
+// The state of the team's whole row, complete in lane 0.
+template <int kTeam>
+__device__ __forceinline__ SoftmaxPairState team_merge(SoftmaxPairState s) {
+  s = warp_merge(s);
+  if constexpr (kTeam > kWarp) {
+    // The team is the block (one row per block): each shared slot is written once.
+    constexpr int kWarps = kTeam / kWarp;
+    __shared__ SoftmaxPairState warp_states[kWarps];
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+    if (lane == 0) warp_states[warp] = s;
+    __syncthreads();
+    if (warp == 0) s = warp_merge(lane < kWarps ? warp_states[lane] : empty_state());
+  }
+  return s;
+}
+
+template <typename P, typename R, int kTeam>
+__global__ void __launch_bounds__(kBlockThreads)
+    token_stats_kernel(const P* __restrict__ policy_logits, const R* __restrict__ ref_logits,
+                       const int64_t* __restrict__ targets, RowLayout layout,
+                       int64_t ignore_index, float* __restrict__ logp_pol,
+                       float* __restrict__ logp_ref, float* __restrict__ token_kl,
+                       float* __restrict__ lse_pol, float* __restrict__ lse_ref,
+                       unsigned long long* __restrict__ first_bad_row) {
+  const TeamPosition<kTeam> pos;
+  if (pos.row >= layout.rows) return;
+  const int64_t n = pos.row / layout.seq_len, t = pos.row % layout.seq_len;
+  const int64_t y = targets[n * layout.tgt_stride_n + t * layout.tgt_stride_t];
+  const bool masked = y == ignore_index;
+  if (masked || y < 0 || y >= layout.vocab) {
+    if (pos.lane == 0) {
+      // As unsigned, the host's -1 fill is the largest value: the minimum bad row wins.
+      if (!masked) atomicMin(first_bad_row, static_cast<unsigned long long>(pos.row));
+      logp_pol[pos.row] = logp_ref[pos.row] = token_kl[pos.row] = 0.f;
+      lse_pol[pos.row] = lse_ref[pos.row] = 0.f;
+    }
+    return;
+  }
+  const P* x = policy_logits + n * layout.pol_stride_n + t * layout.pol_stride_t;
+  const R* r = ref_logits + n * layout.ref_stride_n + t * layout.ref_stride_t;
+
+  constexpr int kVec = vec_elems<P, R>();
+  SoftmaxPairState state = empty_state();
+  const RowSplit split = split_row<kVec>(layout.vocab, x, r);
+  if (split.vec_begin == split.vec_end) {
+    fold_strided<kVec * kUnroll, kTeam>(state, x, r, 0, layout.vocab, pos.lane);
+  } else {
+    fold_strided<1, kTeam>(state, x, r, 0, split.vec_begin, pos.lane);
+    fold_vectors<kVec, kTeam>(state, x + split.vec_begin, r + split.vec_begin,
+                              (split.vec_end - split.vec_begin) / kVec, pos.lane);
+    fold_strided<1, kTeam>(state, x, r, split.vec_end, layout.vocab, pos.lane);
+  }
+  state = team_merge<kTeam>(state);
+  if (pos.lane == 0) {
+    const TokenStats s =
+        finish_token_stats(state, static_cast<float>(x[y]), static_cast<float>(r[y]));
+    logp_pol[pos.row] = s.logp_pol;
+    logp_ref[pos.row] = s.logp_ref;
+    token_kl[pos.row] = s.token_kl;
+    lse_pol[pos.row] = s.lse_pol;
+    lse_ref[pos.row] = s.lse_ref;
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Backward
+
+template <int kTeam, typename P>
+__device__ __forceinline__ void zero_row(P* out, int64_t vocab, int lane) {
+  constexpr int kVec = vec_elems<P, P>();
+  const RowSplit split = split_row<kVec>(vocab, out);
+  for (int64_t v = lane; v < split.vec_begin; v += kTeam) out[v] = P(0.f);
+  float zeros[kVec] = {};
+  for (int64_t v = split.vec_begin + static_cast<int64_t>(lane) * kVec; v < split.vec_end;
+       v += static_cast<int64_t>(kTeam) * kVec) {
+    store_floats<kVec>(out + v, zeros);
+  }
+  for (int64_t v = split.vec_end + lane; v < vocab; v += kTeam) out[v] = P(0.f);
+}
+
+// grad_v = coef_pol * p_v + coef_ref * q_v, plus label_bonus at the label, in float
+// until its one rounding to the policy dtype. kReadRef = false for rows whose KL
+// gradient is zero (TDPO2's chosen rows, DPO): q is never read.
+template <bool kReadRef, int kTeam, typename P, typename R>
+__device__ __forceinline__ void write_grad_row(P* out, const P* x, const R* r, int64_t vocab,
+                                               int64_t label, float lse_pol, float lse_ref,
+                                               const TokenGradCoefs& c, int lane) {
+  auto grad_at = [&](int64_t v, float x_v, float r_v) {
+    const float q = kReadRef ? expf(r_v - lse_ref) : 0.f;
+    const float g = token_grad_element(c, expf(x_v - lse_pol), q);
+    return v == label ? g + c.label_bonus : g;
+  };
+  auto grad_strided = [&](int64_t begin, int64_t end) {
+    for (int64_t v = begin + lane; v < end; v += kTeam) {
+      const float r_v = kReadRef ? static_cast<float>(r[v]) : 0.f;
+      out[v] = static_cast<P>(grad_at(v, static_cast<float>(x[v]), r_v));
+    }
+  };
+
+  constexpr int kVec = kReadRef ? vec_elems<P, R>() : vec_elems<P, P>();
+  RowSplit split;
+  if constexpr (kReadRef) {
+    split = split_row<kVec>(vocab, out, x, r);
+  } else {
+    split = split_row<kVec>(vocab, out, x);
+  }
+  grad_strided(0, split.vec_begin);
+  for (int64_t v = split.vec_begin + static_cast<int64_t>(lane) * kVec; v < split.vec_end;
+       v += static_cast<int64_t>(kTeam) * kVec) {
+    float xs[kVec], rs[kVec] = {}, gs[kVec];
+    load_floats<kVec>(x + v, xs);
+    if constexpr (kReadRef) load_floats<kVec>(r + v, rs);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) gs[j] = grad_at(v + j, xs[j], rs[j]);
+    store_floats<kVec>(out + v, gs);
+  }
+  grad_strided(split.vec_end, vocab);
+}
+
+template <typename P, typename R, int kTeam>
+__global__ void __launch_bounds__(kBlockThreads)
+    token_stats_backward_kernel(const float* __restrict__ grad_logp_pol,
+                                const float* __restrict__ grad_token_kl,
+                                const P* __restrict__ policy_logits,
+                                const R* __restrict__ ref_logits,
+                                const int64_t* __restrict__ targets,
+                                const float* __restrict__ lse_pol,
+                                const float* __restrict__ lse_ref, RowLayout layout,
+                                int64_t ignore_index, P* __restrict__ grad_policy_logits) {
+  const TeamPosition<kTeam> pos;
+  if (pos.row >= layout.rows) return;
+  const int64_t n = pos.row / layout.seq_len, t = pos.row % layout.seq_len;
+  const int64_t y = targets[n * layout.tgt_stride_n + t * layout.tgt_stride_t];
+  P* out = grad_policy_logits + pos.row * layout.vocab;
+  if (y == ignore_index || y < 0 || y >= layout.vocab) {
+    zero_row<kTeam>(out, layout.vocab, pos.lane);
+    return;
+  }
+  const P* x = policy_logits + n * layout.pol_stride_n + t * layout.pol_stride_t;
+  const R* r = ref_logits + n * layout.ref_stride_n + t * layout.ref_stride_t;
+  const TokenGradCoefs c = token_grad_coefs(grad_logp_pol[pos.row], grad_token_kl[pos.row]);
+  if (c.coef_ref != 0.f) {
+    write_grad_row<true, kTeam>(out, x, r, layout.vocab, y, lse_pol[pos.row],
+                                lse_ref[pos.row], c, pos.lane);
+  } else {
+    write_grad_row<false, kTeam>(out, x, r, layout.vocab, y, lse_pol[pos.row],
+                                 lse_ref[pos.row], c, pos.lane);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Host side
+
+// Instantiates the lambda for every (policy dtype, reference dtype) pair the ops accept
+// (the same pairs as the CPU kernels).
+#define TDPO_LOGITS_CASES(...)                            \
+  AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)    \
+  AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__) \
+  AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)
+#define TDPO_DISPATCH_LOGITS_PAIR(policy_type, ref_type, NAME, ...) \
+  AT_DISPATCH_SWITCH(policy_type, NAME, TDPO_LOGITS_CASES([&] {     \
+    using policy_t = scalar_t;                                      \
+    AT_DISPATCH_SWITCH(ref_type, NAME, TDPO_LOGITS_CASES([&] {      \
+      using ref_t = scalar_t;                                       \
+      __VA_ARGS__();                                                \
+    }));                                                            \
+  }))
+
+bool warp_per_row(int64_t vocab) { return vocab <= kWarpRowMaxVocab; }
+
+unsigned int blocks_for(int64_t rows, int64_t vocab) {
+  const int64_t rows_per_block = warp_per_row(vocab) ? kBlockThreads / kWarp : 1;
+  return static_cast<unsigned int>((rows + rows_per_block - 1) / rows_per_block);
+}
+
+// The (N, T) per-token tensors that the backward reads densely by row.
+void check_row_tensor(const at::Tensor& t, const char* name, const at::Tensor& targets) {
+  TORCH_CHECK(t.sizes() == targets.sizes(), "tdpo_ext: ", name, " must have the (N, T) shape ",
+              targets.sizes(), " of labels, got ", t.sizes());
+  TORCH_CHECK(t.device() == targets.device(), "tdpo_ext: ", name, " is on ", t.device(),
+              " but labels are on ", targets.device());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_stats_cuda(
+    const at::Tensor& policy_logits_in, const at::Tensor& ref_logits_in,
+    const at::Tensor& targets, int64_t ignore_index) {
+  const int64_t vocab = check_token_stats_inputs(policy_logits_in, ref_logits_in, targets);
+  const c10::cuda::CUDAGuard guard(policy_logits_in.device());
+  const at::Tensor policy_logits = with_unit_vocab_stride(policy_logits_in);
+  const at::Tensor ref_logits = with_unit_vocab_stride(ref_logits_in);
+  const auto opts = policy_logits.options().dtype(at::kFloat);
+  const auto shape = targets.sizes();
+  at::Tensor logp_pol = at::empty(shape, opts), logp_ref = at::empty(shape, opts),
+             token_kl = at::empty(shape, opts), lse_pol = at::empty(shape, opts),
+             lse_ref = at::empty(shape, opts);
+  const RowLayout layout = make_layout(policy_logits, ref_logits, targets);
+  if (layout.rows == 0) return {logp_pol, logp_ref, token_kl, lse_pol, lse_ref};
+
+  at::Tensor first_bad_row = at::full({1}, -1, targets.options());
+  auto* first_bad = reinterpret_cast<unsigned long long*>(first_bad_row.data_ptr<int64_t>());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const unsigned int blocks = blocks_for(layout.rows, vocab);
+  TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
+                            "tdpo_ext::token_stats", [&] {
+    const auto launch = [&](auto kernel) {
+      kernel<<<blocks, kBlockThreads, 0, stream>>>(
+          policy_logits.data_ptr<policy_t>(), ref_logits.data_ptr<ref_t>(),
+          targets.data_ptr<int64_t>(), layout, ignore_index, logp_pol.data_ptr<float>(),
+          logp_ref.data_ptr<float>(), token_kl.data_ptr<float>(), lse_pol.data_ptr<float>(),
+          lse_ref.data_ptr<float>(), first_bad);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (warp_per_row(vocab)) {
+      launch(token_stats_kernel<policy_t, ref_t, kWarp>);
+    } else {
+      launch(token_stats_kernel<policy_t, ref_t, kBlockThreads>);
+    }
+  });
+
+  // The one device-to-host read and stream synchronization per call (see the top).
+  const int64_t bad_row = first_bad_row.item<int64_t>();
+  if (bad_row >= 0) {
+    const int64_t n = bad_row / layout.seq_len, t = bad_row % layout.seq_len;
+    fail_bad_label(n, t, targets.select(0, n).select(0, t).item<int64_t>(), vocab,
+                   ignore_index);
+  }
+  return {logp_pol, logp_ref, token_kl, lse_pol, lse_ref};
+}
+
+at::Tensor token_stats_backward_cuda(const at::Tensor& grad_logp_pol,
+                                     const at::Tensor& grad_token_kl,
+                                     const at::Tensor& policy_logits_in,
+                                     const at::Tensor& ref_logits_in, const at::Tensor& targets,
+                                     const at::Tensor& lse_pol, const at::Tensor& lse_ref,
+                                     int64_t ignore_index) {
+  const int64_t vocab = check_token_stats_inputs(policy_logits_in, ref_logits_in, targets);
+  // A kernel reading a host pointer or past a short tensor would fault the device, so
+  // the per-token inputs are checked here (the CPU op trusts them).
+  check_row_tensor(grad_logp_pol, "grad_logp_pol", targets);
+  check_row_tensor(grad_token_kl, "grad_token_kl", targets);
+  check_row_tensor(lse_pol, "lse_pol", targets);
+  check_row_tensor(lse_ref, "lse_ref", targets);
+  const c10::cuda::CUDAGuard guard(policy_logits_in.device());
+  const at::Tensor policy_logits = with_unit_vocab_stride(policy_logits_in);
+  const at::Tensor ref_logits = with_unit_vocab_stride(ref_logits_in);
+  // Upstream gradients may arrive expanded or strided; the kernel reads them densely.
+  const at::Tensor g_logp = grad_logp_pol.to(at::kFloat).contiguous();
+  const at::Tensor g_kl = grad_token_kl.to(at::kFloat).contiguous();
+  const at::Tensor lse_pol_dense = lse_pol.contiguous(), lse_ref_dense = lse_ref.contiguous();
+  at::Tensor grad = at::empty(policy_logits.sizes(), policy_logits.options());
+  const RowLayout layout = make_layout(policy_logits, ref_logits, targets);
+  if (layout.rows == 0) return grad;
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const unsigned int blocks = blocks_for(layout.rows, vocab);
+  TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
+                            "tdpo_ext::token_stats_backward", [&] {
+    const auto launch = [&](auto kernel) {
+      kernel<<<blocks, kBlockThreads, 0, stream>>>(
+          g_logp.data_ptr<float>(), g_kl.data_ptr<float>(), policy_logits.data_ptr<policy_t>(),
+          ref_logits.data_ptr<ref_t>(), targets.data_ptr<int64_t>(), lse_pol_dense.data_ptr<float>(),
+          lse_ref_dense.data_ptr<float>(), layout, ignore_index, grad.data_ptr<policy_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (warp_per_row(vocab)) {
+      launch(token_stats_backward_kernel<policy_t, ref_t, kWarp>);
+    } else {
+      launch(token_stats_backward_kernel<policy_t, ref_t, kBlockThreads>);
+    }
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tdpo_ext, CUDA, m) {
+  m.impl("token_stats", &token_stats_cuda);
+  m.impl("token_stats_backward", &token_stats_backward_cuda);
+}
+
+}  // namespace tdpo_ext::cuda
