@@ -59,10 +59,13 @@ def tokenize_pair(prompt: str, chosen: str, rejected: str, tokenizer, *, max_len
     are cut to max_length - max_prompt_length. Labels copy the input ids with the prompt
     positions set to -100."""
     where = f"{source}: " if source else ""
-    prompt_ids = tokenizer.encode(tokenizer.format_prompt(prompt))
+    formatted = tokenizer.format_prompt(prompt)  # a chat template may add EOS-ended turns
+    prompt_ids = tokenizer.encode(formatted)
+    raw_prompt_ids = prompt_ids if formatted == prompt else tokenizer.encode(prompt)
     chosen_ids, rejected_ids = tokenizer.encode(chosen), tokenizer.encode(rejected)
     eos = tokenizer.eos_token_id
-    for name, ids in (("prompt", prompt_ids), ("chosen", chosen_ids), ("rejected", rejected_ids)):
+    for name, ids in (("prompt", raw_prompt_ids), ("chosen", chosen_ids),
+                      ("rejected", rejected_ids)):
         if eos in ids:
             raise DataError(f"{where}{name} contains the EOS token")
     chosen_ids, rejected_ids = chosen_ids + [eos], rejected_ids + [eos]

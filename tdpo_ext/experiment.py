@@ -255,6 +255,8 @@ def main(argv=None) -> int:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; expected some of {list(METHODS)}")
     docs = args.docs or args.out
+    import torch
+    torch.set_num_threads(args.threads)
     os.makedirs(docs, exist_ok=True)
     t0 = time.time()
     base = os.path.join(args.out, "base")

@@ -246,8 +246,14 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device="cpu",
         raise FileNotFoundError(f"--model {spec!r}: not 'tiny', 'smollm2' or a folder")
     tok = AutoTokenizer.from_pretrained(path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
-    if spec == "smollm2" and kwargs:
-        try:  # dequantizing the GGUF takes most of a minute: keep a plain copy
+    if kwargs:  # loaded from GGUF: a plain (dequantized, float32) model that can be saved
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
+        model = plain
+        try:  # dequantizing the GGUF takes most of a minute: keep the plain copy
             model.save_pretrained(cached)
             tok.save_pretrained(cached)
         except OSError:

@@ -288,10 +288,10 @@ class MovieReviewTask:
     GENRES = ("horror", "romantic comedy", "science fiction", "animated", "crime", "war",
               "western", "musical", "superhero", "documentary", "fantasy", "spy", "sports",
               "disaster", "mystery", "family")
-    TEMPLATES = ("Write a short review of a {} movie you watched recently.",
-                 "In two sentences, review the last {} film you saw.",
-                 "Give your honest opinion of a new {} movie in a few sentences.",
-                 "Write a brief review of a {} film for a newspaper.")
+    TEMPLATES = ("Write a short review of {a} {g} movie you watched recently.",
+                 "In two sentences, review the last {g} film you saw.",
+                 "Give your honest opinion of a new {g} movie in a few sentences.",
+                 "Write a brief review of {a} {g} film for a newspaper.")
 
     def __init__(self):
         try:
@@ -300,7 +300,8 @@ class MovieReviewTask:
             raise RuntimeError("--task movie-reviews needs vadersentiment "
                                "(pip install vadersentiment)") from e
         self.analyzer = SentimentIntensityAnalyzer()
-        all_prompts = [t.format(g) for g in self.GENRES for t in self.TEMPLATES]
+        all_prompts = [t.format(g=g, a="an" if g[0] in "aeiou" else "a")
+                       for g in self.GENRES for t in self.TEMPLATES]
         random.Random(0).shuffle(all_prompts)
         self.eval_pool, self.train_pool = all_prompts[:16], all_prompts[16:]
 

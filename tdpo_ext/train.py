@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     a("--device", help="auto | cpu | cuda | cuda:N"), a("--dtype",
                                                        choices=["float32", "bfloat16", "float16"])
+    a("--threads", type=int, help="torch CPU threads (default: 1 for the tiny model, whose "
+      "matrices are too small to gain from more, and torch's default otherwise)")
     a("--max-grad-norm", type=float), a("--weight-decay", type=float)
     g = p.add_argument_group("embedded task pipeline (SFT stage, pair sampling, reward eval)")
     g.add_argument("--sft-steps", type=int), g.add_argument("--sft-lr", type=float)
@@ -116,6 +118,10 @@ def resolve(args: argparse.Namespace) -> dict:
         for k, v in source.items():
             if cfg.get(k) is None:
                 cfg[k] = v
+    if cfg["threads"] is None and "OMP_NUM_THREADS" not in os.environ and (
+            cfg["model"] == "tiny" or os.path.isfile(os.path.join(cfg["model"],
+                                                                  M.TINY_CONFIG_FILE))):
+        cfg["threads"] = 1
     if cfg["save_every"] is None:
         cfg["save_every"] = cfg["eval_every"]
     if cfg["loss"] == "sft" and cfg["task"] != "none" and not cfg["data"]:
@@ -127,7 +133,7 @@ def resolve(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------
 # Processes and devices
 
-def setup_distributed(device_arg: str):
+def setup_distributed(device_arg: str, threads: int | None = None):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", rank))
@@ -136,11 +142,13 @@ def setup_distributed(device_arg: str):
     device = torch.device(device_arg)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local if world > 1 else 0)
+    if threads:
+        torch.set_num_threads(threads)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cpu":  # share the cores between the local processes
+        if device.type == "cpu" and not threads:  # share the cores between local processes
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return rank, world, device
@@ -568,7 +576,7 @@ def prepare_task_data(cfg, task, rank, world, device, summary):
 
 
 def run(cfg: dict) -> dict:
-    rank, world, device = setup_distributed(cfg["device"])
+    rank, world, device = setup_distributed(cfg["device"], cfg.get("threads"))
     out = cfg["out"]
     dtype = getattr(torch, cfg["dtype"])
     task = get_task(cfg["task"]) if cfg["task"] != "none" else None
@@ -659,7 +667,7 @@ def main(argv=None) -> int:
         cfg["out"] = args.resume
     else:
         cfg = resolve(args)
-    rank, world, _ = setup_distributed(cfg["device"])
+    rank, world, _ = setup_distributed(cfg["device"], cfg.get("threads"))
     if not args.resume:
         if cfg["out"] is None:
             stamp = [time.strftime("runs/%Y%m%d-%H%M%S")]
