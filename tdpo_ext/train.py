@@ -315,6 +315,8 @@ class Stage:
             raise SystemExit(f"tdpo-train: --batch-size {b} must be divisible by processes "
                              f"({world}) x --grad-accum ({ga})")
         self.micro = b // (world * ga)
+        if eval_items and len(eval_items) < world:
+            raise SystemExit(f"tdpo-train: {len(eval_items)} eval examples for {world} processes")
         self.module = policy
         self.policy = policy
         if world > 1:
@@ -597,6 +599,12 @@ def run(cfg: dict) -> dict:
                                          chat_template=cfg["chat_template"])[0])
     else:
         ref = M.frozen_copy(policy)
+    if isinstance(policy, M.TinyGPT) and cfg["max_length"] > policy.config.max_len:
+        log(f"--max-length {cfg['max_length']} -> {policy.config.max_len}, the tiny model's "
+            f"context")
+        cfg = cfg | {"max_length": policy.config.max_len,
+                     "max_prompt_length": min(cfg["max_prompt_length"],
+                                              policy.config.max_len // 2)}
     train_rows = D.load_jsonl(train_path)
     if eval_path:
         eval_rows = D.load_jsonl(eval_path)[:cfg["eval_data_size"]]
