@@ -130,7 +130,8 @@ class BuildExtension(cpp_extension.BuildExtension):
                 include_dirs=ext.include_dirs,
                 macros=[(f"CPU_CAPABILITY", cap), (f"CPU_CAPABILITY_{cap}", None)],
                 extra_postargs={"cxx": cxx_flags + march, "nvcc": []},
-                depends=["csrc/tdpo_math.h", "csrc/checks.h", "csrc/cpu/token_stats_kernel.h"])
+                depends=["csrc/tdpo_math.h", "csrc/checks.h", "csrc/dispatch.h",
+                         "csrc/cpu/token_stats_kernel.h"])
             ext.extra_objects = list(ext.extra_objects or []) + objects
         super().build_extension(ext)
 

@@ -65,6 +65,29 @@ void check_pair_inputs(const at::Tensor& chosen_logps_margin,
   }
 }
 
+void check_token_stats_backward_inputs(const at::Tensor& grad_logp_pol,
+                                       const at::Tensor& grad_token_kl,
+                                       const at::Tensor& lse_pol, const at::Tensor& lse_ref,
+                                       const at::Tensor& targets) {
+  const at::Tensor* tensors[] = {&grad_logp_pol, &grad_token_kl, &lse_pol, &lse_ref};
+  const char* names[] = {"grad_logp_pol", "grad_token_kl", "lse_pol", "lse_ref"};
+  for (int i = 0; i < 4; ++i) {
+    const at::Tensor& t = *tensors[i];
+    TORCH_CHECK(t.sizes() == targets.sizes(), "tdpo_ext: ", names[i],
+                " must have the (N, T) shape ", targets.sizes(), " of labels, got ", t.sizes());
+    TORCH_CHECK(t.device() == targets.device(), "tdpo_ext: ", names[i], " is on ", t.device(),
+                " but labels are on ", targets.device());
+  }
+}
+
+void check_grad_losses(const at::Tensor& grad_losses, const at::Tensor& chosen_logps_margin) {
+  TORCH_CHECK(grad_losses.numel() == chosen_logps_margin.size(0) &&
+                  grad_losses.device() == chosen_logps_margin.device(),
+              "tdpo_ext: grad_losses must hold one value per pair (", chosen_logps_margin.size(0),
+              ") on ", chosen_logps_margin.device(), ", got shape ", grad_losses.sizes(), " on ",
+              grad_losses.device());
+}
+
 Variant parse_variant(std::string_view variant) {
   if (variant == "tdpo1") return Variant::TDPO1;
   if (variant == "tdpo2") return Variant::TDPO2;

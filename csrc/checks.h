@@ -15,6 +15,16 @@ namespace tdpo_ext {
 int64_t check_token_stats_inputs(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
                                  const at::Tensor& targets);
 
+// The per-token tensors that token_stats_backward reads densely by row: each must have
+// the (N, T) shape and the device of targets (a short tensor would be read past its end).
+void check_token_stats_backward_inputs(const at::Tensor& grad_logp_pol,
+                                       const at::Tensor& grad_token_kl,
+                                       const at::Tensor& lse_pol, const at::Tensor& lse_ref,
+                                       const at::Tensor& targets);
+
+// grad_losses of preference_loss_backward: one value per pair, on the pairs' device.
+void check_grad_losses(const at::Tensor& grad_losses, const at::Tensor& chosen_logps_margin);
+
 // The four per-row tensors of the pairwise loss: float32, 1-D, same length and device.
 void check_pair_inputs(const at::Tensor& chosen_logps_margin,
                        const at::Tensor& rejected_logps_margin, const at::Tensor& chosen_kl,

@@ -42,6 +42,11 @@ TDPO_HD float rescale_factor(float old_max, float new_max) {
   return old_max == -INFINITY ? 0.f : expf(old_max - new_max);
 }
 
+// The shift for exp(v - shift) over a chunk whose maximum is chunk_max: the maximum
+// itself, or 0 for an all -inf chunk, whose elements then give exp(-inf) = 0 instead of
+// exp(-inf - -inf) = NaN; merge_states later discards that chunk's empty state.
+TDPO_HD float exp_shift(float chunk_max) { return chunk_max == -INFINITY ? 0.f : chunk_max; }
+
 // Combines two partial states (for instance two vocabulary chunks, two SIMD lanes or
 // two CUDA threads) into the state of their union.
 TDPO_HD SoftmaxPairState merge_states(const SoftmaxPairState& a, const SoftmaxPairState& b) {

@@ -19,14 +19,27 @@ VARIANTS = ("tdpo1", "tdpo2", "dpo")
 # ---------------------------------------------------------------------------------------
 # tdpo_ext::token_stats: fake kernel and autograd
 
+def _check_one_device(**tensors):
+    """The device check of csrc/checks.cpp, for the fake kernels: with one input on
+    'meta' the dispatcher runs them instead of a device kernel, and they must fail the
+    same way rather than return a result."""
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise RuntimeError(f"tdpo_ext: inputs must be on one device, got {listed}")
+
+
 @torch.library.register_fake("tdpo_ext::token_stats")
 def _token_stats_fake(policy_logits, ref_logits, targets, ignore_index):
+    _check_one_device(policy_logits=policy_logits, ref_logits=ref_logits, labels=targets)
     return tuple(policy_logits.new_empty(targets.shape, dtype=torch.float32) for _ in range(5))
 
 
 @torch.library.register_fake("tdpo_ext::token_stats_backward")
 def _token_stats_backward_fake(grad_logp_pol, grad_token_kl, policy_logits, ref_logits,
                                targets, lse_pol, lse_ref, ignore_index):
+    _check_one_device(policy_logits=policy_logits, ref_logits=ref_logits, labels=targets,
+                      grad_logp_pol=grad_logp_pol, grad_token_kl=grad_token_kl)
     return policy_logits.new_empty(policy_logits.shape)
 
 
@@ -64,6 +77,9 @@ torch.library.register_autograd("tdpo_ext::token_stats", _token_stats_backward,
 @torch.library.register_fake("tdpo_ext::preference_loss")
 def _preference_loss_fake(chosen_logps_margin, rejected_logps_margin, chosen_kl, rejected_kl,
                           beta, alpha, variant):
+    _check_one_device(chosen_logps_margin=chosen_logps_margin,
+                      rejected_logps_margin=rejected_logps_margin, chosen_kl=chosen_kl,
+                      rejected_kl=rejected_kl)
     return tuple(torch.empty_like(chosen_logps_margin) for _ in range(3))
 
 
@@ -121,6 +137,8 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
     """targets[n, t] = labels[n, t + 1], the token that logits[n, t] predicts; the last
     position predicts nothing and is masked."""
     _check_labels(labels)
+    if labels.shape[1] == 0:
+        return labels.long()  # T = 0: left for the op to reject by name
     pad = labels.new_full((labels.shape[0], 1), ignore_index)
     return torch.cat([labels[:, 1:], pad], dim=1).long()
 

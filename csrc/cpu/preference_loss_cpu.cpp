@@ -39,6 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_backw
     const at::Tensor& rejected_logps_margin, const at::Tensor& chosen_kl,
     const at::Tensor& rejected_kl, double beta, double alpha, std::string_view variant_name) {
   check_pair_inputs(chosen_logps_margin, rejected_logps_margin, chosen_kl, rejected_kl, beta);
+  check_grad_losses(grad_losses, chosen_logps_margin);
   const Variant variant = parse_variant(variant_name);
   const at::Tensor g = grad_losses.to(at::kFloat).contiguous();
   const at::Tensor mc = chosen_logps_margin.contiguous(), mr = rejected_logps_margin.contiguous(),

@@ -83,6 +83,7 @@ at::Tensor token_stats_backward_cpu(const at::Tensor& grad_logp_pol,
                                     const at::Tensor& lse_pol, const at::Tensor& lse_ref,
                                     int64_t ignore_index) {
   check_token_stats_inputs(policy_logits_in, ref_logits_in, targets);
+  check_token_stats_backward_inputs(grad_logp_pol, grad_token_kl, lse_pol, lse_ref, targets);
   const at::Tensor policy_logits = with_unit_vocab_stride(policy_logits_in);
   const at::Tensor ref_logits = with_unit_vocab_stride(ref_logits_in);
   // Upstream gradients may arrive expanded or strided; the kernel reads them densely.

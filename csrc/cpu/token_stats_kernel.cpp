@@ -15,6 +15,7 @@
 #include <limits>
 
 #include "../checks.h"
+#include "../dispatch.h"
 #include "../tdpo_math.h"
 
 namespace tdpo_ext::cpu {
@@ -56,10 +57,6 @@ inline float hmax(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); },
                                         v);
 }
-
-// exp(x - m) is evaluated with m = 0 where a chunk is all -inf, so that it gives 0
-// instead of NaN; merge_states then discards that chunk's empty state.
-inline float exp_shift(float chunk_max) { return chunk_max == -INFINITY ? 0.f : chunk_max; }
 
 template <typename P, typename R>
 SoftmaxPairState chunk_state(const P* x, const R* r, int64_t len) {
@@ -209,20 +206,6 @@ void backward_impl(const at::Tensor& grad_logp_pol, const at::Tensor& grad_token
     }
   });
 }
-
-// Instantiates the lambda for every (policy dtype, reference dtype) pair the ops accept.
-#define TDPO_LOGITS_CASES(...)                            \
-  AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)    \
-  AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__) \
-  AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)
-#define TDPO_DISPATCH_LOGITS_PAIR(policy_type, ref_type, NAME, ...)       \
-  AT_DISPATCH_SWITCH(policy_type, NAME, TDPO_LOGITS_CASES([&] {           \
-    using policy_t = scalar_t;                                            \
-    AT_DISPATCH_SWITCH(ref_type, NAME, TDPO_LOGITS_CASES([&] {            \
-      using ref_t = scalar_t;                                             \
-      __VA_ARGS__();                                                      \
-    }));                                                                  \
-  }))
 
 }  // namespace
 

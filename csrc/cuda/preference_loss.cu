@@ -98,13 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_backw
     const at::Tensor& rejected_kl, double beta, double alpha, std::string_view variant_name) {
   check_pair_inputs(chosen_logps_margin, rejected_logps_margin, chosen_kl, rejected_kl, beta);
   const Variant variant = parse_variant(variant_name);
-  // The kernel reads grad_losses densely on the device: a short or host tensor would
-  // fault it (the CPU op trusts it).
-  TORCH_CHECK(grad_losses.numel() == chosen_logps_margin.size(0) &&
-                  grad_losses.device() == chosen_logps_margin.device(),
-              "tdpo_ext: grad_losses must hold one value per pair (", chosen_logps_margin.size(0),
-              ") on ", chosen_logps_margin.device(), ", got shape ", grad_losses.sizes(), " on ",
-              grad_losses.device());
+  check_grad_losses(grad_losses, chosen_logps_margin);
   const c10::cuda::CUDAGuard guard(chosen_logps_margin.device());
   const at::Tensor g = grad_losses.to(at::kFloat).contiguous();
   const at::Tensor mc = chosen_logps_margin.contiguous(), mr = rejected_logps_margin.contiguous(),

@@ -43,6 +43,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../dispatch.h"
 #include "../tdpo_math.h"
 
 namespace tdpo_ext::cuda {
@@ -141,13 +142,6 @@ struct TeamPosition {
 
 // ---------------------------------------------------------------------------------
 // Forward
-
-// The exp shift of a chunk: its maximum, or 0 for an all -inf chunk, whose elements then
-// give exp(-inf) = 0 rather than exp(-inf - -inf) = NaN (the CPU kernel's exp_shift);
-// merge_states then discards the empty state.
-__device__ __forceinline__ float exp_shift(float chunk_max) {
-  return chunk_max == -INFINITY ? 0.f : chunk_max;
-}
 
 // Folds kN elements of each model into `state` (a pair of -inf pads adds nothing): the
 // chunk's own state in the frame of its maximum, then merge_states.
@@ -379,34 +373,11 @@ __global__ void __launch_bounds__(kBlockThreads)
 // ---------------------------------------------------------------------------------
 // Host side
 
-// Instantiates the lambda for every (policy dtype, reference dtype) pair the ops accept
-// (the same pairs as the CPU kernels).
-#define TDPO_LOGITS_CASES(...)                            \
-  AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)    \
-  AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__) \
-  AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)
-#define TDPO_DISPATCH_LOGITS_PAIR(policy_type, ref_type, NAME, ...) \
-  AT_DISPATCH_SWITCH(policy_type, NAME, TDPO_LOGITS_CASES([&] {     \
-    using policy_t = scalar_t;                                      \
-    AT_DISPATCH_SWITCH(ref_type, NAME, TDPO_LOGITS_CASES([&] {      \
-      using ref_t = scalar_t;                                       \
-      __VA_ARGS__();                                                \
-    }));                                                            \
-  }))
-
 bool warp_per_row(int64_t vocab) { return vocab <= kWarpRowMaxVocab; }
 
 unsigned int blocks_for(int64_t rows, int64_t vocab) {
   const int64_t rows_per_block = warp_per_row(vocab) ? kBlockThreads / kWarp : 1;
   return static_cast<unsigned int>((rows + rows_per_block - 1) / rows_per_block);
-}
-
-// The (N, T) per-token tensors that the backward reads densely by row.
-void check_row_tensor(const at::Tensor& t, const char* name, const at::Tensor& targets) {
-  TORCH_CHECK(t.sizes() == targets.sizes(), "tdpo_ext: ", name, " must have the (N, T) shape ",
-              targets.sizes(), " of labels, got ", t.sizes());
-  TORCH_CHECK(t.device() == targets.device(), "tdpo_ext: ", name, " is on ", t.device(),
-              " but labels are on ", targets.device());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_stats_cuda(
@@ -462,12 +433,7 @@ at::Tensor token_stats_backward_cuda(const at::Tensor& grad_logp_pol,
                                      const at::Tensor& lse_pol, const at::Tensor& lse_ref,
                                      int64_t ignore_index) {
   const int64_t vocab = check_token_stats_inputs(policy_logits_in, ref_logits_in, targets);
-  // A kernel reading a host pointer or past a short tensor would fault the device, so
-  // the per-token inputs are checked here (the CPU op trusts them).
-  check_row_tensor(grad_logp_pol, "grad_logp_pol", targets);
-  check_row_tensor(grad_token_kl, "grad_token_kl", targets);
-  check_row_tensor(lse_pol, "lse_pol", targets);
-  check_row_tensor(lse_ref, "lse_ref", targets);
+  check_token_stats_backward_inputs(grad_logp_pol, grad_token_kl, lse_pol, lse_ref, targets);
   const c10::cuda::CUDAGuard guard(policy_logits_in.device());
   const at::Tensor policy_logits = with_unit_vocab_stride(policy_logits_in);
   const at::Tensor ref_logits = with_unit_vocab_stride(ref_logits_in);
