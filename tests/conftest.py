@@ -1,0 +1,35 @@
+"""Test-wide settings: the devices every kernel test runs on, and a reproducible
+hypothesis profile."""
+import os
+import sys
+
+import pytest
+import torch
+from hypothesis import settings
+
+import tdpo_ext
+
+# The helper modules beside the tests (oracle.py, inputs.py, ...) import each other by
+# their plain names.
+sys.path.insert(0, os.path.dirname(__file__))
+
+# "ci", the default: the same examples on every run (derandomize) and no example
+# database, so that a failure in CI reproduces anywhere; 50 examples per property keeps
+# the suite within minutes on two cores. "explore": fresh random examples and many more
+# of them, for hunting bugs locally:
+#   TDPO_HYPOTHESIS_PROFILE=explore python -m pytest tests
+settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True,
+                          database=None, print_blob=True)
+settings.register_profile("explore", deadline=None, max_examples=1000, print_blob=True)
+settings.load_profile(os.environ.get("TDPO_HYPOTHESIS_PROFILE", "ci"))
+
+_CUDA_UNBUILT = pytest.mark.skipif(
+    not tdpo_ext.built_with_cuda(),
+    reason="tdpo_ext was built without CUDA kernels")
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=_CUDA_UNBUILT)]
+                     if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES, scope="session")
+def device(request) -> str:
+    return request.param

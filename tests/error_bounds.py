@@ -1,0 +1,62 @@
+"""How far float32 arithmetic may move each kernel output from the float64 oracle.
+
+The kernels compute in float32 whatever the input dtype. A float32 result built from
+terms t_i carries a rounding error of a few EPS32 * sum |t_i|, however small the result
+is: KL = E_q[r - x] - lse_ref + lse_pol is ~0 for two close models while its terms
+are the size of the logits. A tolerance relative to the result alone would be wrong
+there, so each bound below is EPS32 times the magnitude of the summed terms, which
+the oracle reports; the test files scale it by a stated number of ulps.
+"""
+from __future__ import annotations
+
+import torch
+
+from oracle import TokenTerms
+
+EPS32 = torch.finfo(torch.float32).eps  # 2**-23
+
+
+def upstream_token_grads(loss: torch.Tensor, tokens: TokenTerms):
+    """d loss / d (logp_pol, token_kl) per token, float64 (N, T-1): the coefficients the
+    kernel's backward receives. A statistic the loss ignores gets 0."""
+    return torch.autograd.grad(loss, [tokens.logp_pol, tokens.token_kl], retain_graph=True,
+                               allow_unused=True, materialize_grads=True)
+
+
+def policy_grad_scale(tokens: TokenTerms, grad_logp: torch.Tensor, grad_kl: torch.Tensor,
+                      coef_error: torch.Tensor | float) -> torch.Tensor:
+    """(N, T, V) magnitude of the float32 rounding in d loss / d policy_logits, in units
+    of EPS32.
+
+    The element is grad_logp * (onehot(y) - p) + grad_kl * (p - q). Its float32 error:
+      - p = exp(x - lse_pol): x - lse_pol is rounded on the scale of |lse_pol| + |log p|,
+        and exp turns that absolute error into a relative one; likewise q;
+      - the coefficients carry their own relative error, coef_error (per row, in units of
+        EPS32): 1 for exact upstream weights, more when they come from a loss whose
+        inputs were rounded (see tdpo_loss_coef_error).
+    Position T-1 predicts nothing and masked tokens get no gradient: scale 0, so these
+    must be exactly 0.
+    """
+    gl = grad_logp.abs().unsqueeze(-1)
+    gk = grad_kl.abs().unsqueeze(-1)
+    p, q = tokens.logp_x.exp(), tokens.logp_r.exp()
+    onehot = torch.zeros_like(p).scatter_(-1, tokens.targets.unsqueeze(-1), 1.0)
+    # p * (1 + |lse| + |log p|), written with xlogy so that p = 0 gives 0, not 0 * inf.
+    p_err = p * (1 + tokens.lse_pol.abs().unsqueeze(-1)) - torch.xlogy(p, p)
+    q_err = q * (1 + tokens.lse_ref.abs().unsqueeze(-1)) - torch.xlogy(q, q)
+    terms = (gl + gk) * p + gk * q + gl * onehot
+    coef_error = torch.as_tensor(coef_error, dtype=torch.float64)
+    if coef_error.dim() == 1:
+        coef_error = coef_error[:, None, None]
+    scale = (gl + gk) * p_err + gk * q_err + gl * onehot + coef_error * terms
+    return torch.nn.functional.pad(scale, (0, 0, 0, 1))  # position T-1: exactly 0
+
+
+def tdpo_loss_coef_error(row_error: torch.Tensor, beta: float) -> torch.Tensor:
+    """Relative error (units of EPS32) of each row's upstream gradient under tdpo_loss,
+    given the error (units of EPS32) each row contributes to its pair's z: the upstream
+    gradient -beta * sigmoid(-beta * z) / B moves by up to beta times the error of z,
+    relative."""
+    chosen, rejected = row_error.chunk(2)
+    pair = (chosen + rejected).repeat(2)
+    return 1 + beta * pair

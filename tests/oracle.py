@@ -1,0 +1,142 @@
+"""A float64 oracle of TDPO, written from the method's formulas, not from the kernels.
+
+Inputs of any floating dtype are upcast to float64 as they are: bfloat16, float16 and
+float32 values are exact in float64, so the oracle sees exactly the numbers the kernels
+read. Probabilities come from log_softmax, never softmax().log() as in the reference
+code, which underflows to log(0) = -inf and turns 0 * -inf into NaN once a row's logits
+spread beyond ~104 in float32 (or ~745 in float64).
+
+Besides the values, the oracle reports the magnitude of the terms each value is summed
+from, so that tests can bound float32 rounding (tests/error_bounds.py).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+VARIANTS = ("tdpo1", "tdpo2", "dpo")
+
+
+class TokenTerms(NamedTuple):
+    """Float64 quantities of the positions 0..T-2, the ones that predict a label
+    (position T-1 predicts nothing). (N, T-1) unless said otherwise."""
+    logp_pol: torch.Tensor   # log pi_theta(y | prefix), 0 where masked; in the autograd graph
+    logp_ref: torch.Tensor   # log pi_ref(y | prefix), 0 where masked
+    token_kl: torch.Tensor   # KL(pi_ref || pi_theta), 0 where masked; in the autograd graph
+    mask: torch.Tensor       # bool, True where the label is not ignore_index
+    targets: torch.Tensor    # int64 labels, ignore_index replaced by 0
+    logp_x: torch.Tensor     # (N, T-1, V) policy log-probabilities, detached
+    logp_r: torch.Tensor     # (N, T-1, V) reference log-probabilities
+    lse_pol: torch.Tensor    # logsumexp of each policy row
+    lse_ref: torch.Tensor    # logsumexp of each reference row
+    magnitude: torch.Tensor  # sum of |terms| the three values are computed from; 0 if masked
+
+
+def token_terms(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
+                ignore_index: int = -100) -> TokenTerms:
+    """Per-token terms; logits at t predict labels at t + 1. The gradient flows into
+    policy_logits (when it requires grad), never into ref_logits."""
+    x = policy_logits.to(torch.float64)[:, :-1]
+    r = ref_logits.detach().to(torch.float64)[:, :-1]
+    targets = labels[:, 1:].long()
+    mask = targets != ignore_index
+    targets = targets.where(mask, 0)
+
+    logp_x = x.log_softmax(-1)
+    logp_r = r.log_softmax(-1)
+    q = logp_r.exp()
+    # q log(q / p) is 0 where q is 0, also where log q = -inf (a -inf reference logit).
+    support = q > 0
+    token_kl = (q * torch.where(support, logp_r - logp_x, 0.0)).sum(-1)
+    logp_pol = logp_x.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp_ref = logp_r.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    with torch.no_grad():
+        lse_pol = x.logsumexp(-1)
+        lse_ref = r.logsumexp(-1)
+        label_logits = (x.gather(-1, targets.unsqueeze(-1)).abs()
+                        + r.gather(-1, targets.unsqueeze(-1)).abs()).squeeze(-1)
+        # token_kl = E_q[r - x] - lse_ref + lse_pol: each part is rounded on its own scale.
+        expected_gap = (q * torch.where(support, (r - x).abs(), 0.0)).sum(-1)
+        magnitude = label_logits + lse_pol.abs() + lse_ref.abs() + expected_gap
+
+    def masked(t):
+        return torch.where(mask, t, 0.0)
+
+    return TokenTerms(masked(logp_pol), masked(logp_ref), masked(token_kl), mask, targets,
+                      logp_x.detach(), logp_r, lse_pol, lse_ref, masked(magnitude))
+
+
+class SequenceStats(NamedTuple):
+    """Per-row float64 statistics, (N,)."""
+    logps_margin: torch.Tensor  # sum of log pi_theta(y) - log pi_ref(y)
+    seq_kl: torch.Tensor        # sum of token KL(pi_ref || pi_theta)
+    policy_logps: torch.Tensor  # sum of log pi_theta(y)
+    magnitude: torch.Tensor     # sum of the tokens' term magnitudes (same reduction)
+    tokens: TokenTerms
+
+
+def sequence_stats(policy_logits, ref_logits, labels, *, ignore_index=-100,
+                   average_log_prob=False) -> SequenceStats:
+    tokens = token_terms(policy_logits, ref_logits, labels, ignore_index)
+    sums = ((tokens.logp_pol - tokens.logp_ref).sum(-1), tokens.token_kl.sum(-1),
+            tokens.logp_pol.sum(-1), tokens.magnitude.sum(-1))
+    if average_log_prob:
+        count = tokens.mask.sum(-1)
+        # A row with no unmasked token gives 0 (its sums are 0; divide by 1, not 0).
+        sums = tuple(s / count.clamp(min=1) for s in sums)
+    return SequenceStats(*sums, tokens)
+
+
+class PairLoss(NamedTuple):
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+def pair_loss(chosen_margin, rejected_margin, chosen_kl, rejected_kl, *, beta, alpha,
+              variant) -> PairLoss:
+    """The pairwise loss per pair, with u = chosen_margin - rejected_margin."""
+    mc, mr, kc, kr = (t.to(torch.float64) for t in (chosen_margin, rejected_margin,
+                                                     chosen_kl, rejected_kl))
+    u = mc - mr
+    if variant == "tdpo1":
+        z = u - (kr - kc)
+    elif variant == "tdpo2":
+        z = u - alpha * (kr - kc.detach())
+    elif variant == "dpo":
+        z = u
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    return PairLoss(-F.logsigmoid(beta * z), (beta * (mc + kc)).detach(),
+                    (beta * (mr + kr)).detach())
+
+
+class TDPOResult(NamedTuple):
+    """The fields of tdpo_ext.TDPOOutput, in float64, plus the row statistics."""
+    loss: torch.Tensor
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    chosen_kl: torch.Tensor
+    rejected_kl: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    stats: SequenceStats
+
+
+def tdpo_loss(policy_logits, ref_logits, labels, *, beta, alpha, variant, ignore_index=-100,
+              average_log_prob=False) -> TDPOResult:
+    """N = 2B rows: the B chosen responses, then the B rejected ones."""
+    stats = sequence_stats(policy_logits, ref_logits, labels, ignore_index=ignore_index,
+                           average_log_prob=average_log_prob)
+    chosen_margin, rejected_margin = stats.logps_margin.chunk(2)
+    chosen_kl, rejected_kl = stats.seq_kl.chunk(2)
+    chosen_logps, rejected_logps = stats.policy_logps.detach().chunk(2)
+    pair = pair_loss(chosen_margin, rejected_margin, chosen_kl, rejected_kl, beta=beta,
+                     alpha=alpha, variant=variant)
+    return TDPOResult(pair.losses.mean(), pair.losses, pair.chosen_rewards,
+                      pair.rejected_rewards, chosen_kl.detach(), rejected_kl.detach(),
+                      chosen_logps, rejected_logps, stats)
