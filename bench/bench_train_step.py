@@ -88,7 +88,24 @@ def step(policy, ref, batch, impl):
     loss, _ = batch_loss(policy, ref, batch, cfg, "train")
     loss.backward()
     policy.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
+
+
+def loss_op_time(batch, vocab, impl, device):
+    """The loss alone (forward + backward into the logits) on random logits of the step's
+    shape: the part of the step that the two implementations differ in."""
+    from tdpo_ext import tdpo_loss
+    from tdpo_ext.reference import reference_tdpo_loss
+    rows, length = batch["labels"].shape
+    g = torch.Generator(device=device).manual_seed(1)
+    pol = torch.randn(rows, length, vocab, generator=g, device=device).requires_grad_()
+    ref = torch.randn(rows, length, vocab, generator=g, device=device)
+    fn = tdpo_loss if impl == "fused" else reference_tdpo_loss
+    t = time.perf_counter()
+    fn(pol, ref, batch["labels"], beta=0.1, alpha=0.5, variant="tdpo2").loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
 
 
 def machine(device):
@@ -109,7 +126,7 @@ def main():
     p.add_argument("--shapes", default="1x128,2x256,4x256",
                    help="PAIRSxTOKENS, comma separated (rows = 2 x pairs)")
     p.add_argument("--impls", default="fused,reference")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32")
@@ -128,22 +145,27 @@ def main():
     for shape in args.shapes.split(","):
         pairs, length = (int(x) for x in shape.split("x"))
         batch = make_batch(pairs, length, vocab, device, gen)
-        result = {}
-        for impl in args.impls.split(","):
+        impls = args.impls.split(",")
+        times, peaks, losses, op_times = ({i: [] for i in impls} for _ in range(4))
+        for impl in impls:
             for _ in range(args.warmup):
                 step(policy, ref, batch, impl)
-            times, peaks, loss = [], [], None
-            for _ in range(args.repeats):
+        for _ in range(args.repeats):  # interleaved, so that both see the same machine load
+            for impl in impls:
                 with PeakMemory(device) as mem:
                     t = time.perf_counter()
-                    loss = step(policy, ref, batch, impl)
+                    losses[impl] = step(policy, ref, batch, impl)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
-                    times.append(time.perf_counter() - t)
-                peaks.append(mem.peak)
-            result[impl] = (statistics.median(times), max(peaks), loss)
-            print(f"{shape} {impl}: {result[impl][0]:.2f} s, peak +{max(peaks) / 2**20:.0f} MiB, "
-                  f"loss {loss:.6f}", flush=True)
+                    times[impl].append(time.perf_counter() - t)
+                peaks[impl].append(mem.peak)
+                op_times[impl].append(loss_op_time(batch, vocab, impl, device))
+        result = {i: (statistics.median(times[i]), max(peaks[i]), losses[i],
+                      statistics.median(op_times[i])) for i in impls}
+        for i in impls:
+            print(f"{shape} {i}: step {result[i][0]:.2f} s (all: "
+                  f"{', '.join(f'{x:.1f}' for x in times[i])}), loss op {result[i][3]:.3f} s, "
+                  f"peak +{result[i][1] / 2**20:.0f} MiB, loss {result[i][2]:.6f}", flush=True)
         rows.append((pairs, length, result))
     impls = args.impls.split(",")
     date = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
@@ -153,18 +175,22 @@ def main():
              "", "A step = policy forward + backward, reference forward, TDPO2 loss (the "
              "training loop's batch_loss), no optimizer update. Rows = 2 x pairs (chosen, then "
              f"rejected); vocabulary {vocab}. Time: median of {args.repeats} after "
-             f"{args.warmup} warm-up. Peak memory: "
+             f"{args.warmup} warm-up, the implementations interleaved. Loss op: the loss alone "
+             "(forward + backward into the logits) on random logits of that shape. "
+             "Peak memory: "
              + ("CUDA max_memory_allocated above the step's start." if device.type == "cuda"
                 else "peak resident memory during the step above the resident memory before "
                      "it (Linux VmHWM)."), "",
-             "| pairs x tokens | " + " | ".join(f"{i} time (s)" for i in impls) + " | " +
-             " | ".join(f"{i} peak (MiB)" for i in impls) + " | speed-up | memory saved |",
-             "|---|" + "---|" * (2 * len(impls) + 2)]
+             "| pairs x tokens | " + " | ".join(f"{i} step (s)" for i in impls) + " | " +
+             " | ".join(f"{i} loss op (s)" for i in impls) + " | " +
+             " | ".join(f"{i} peak (MiB)" for i in impls) + " | step speed-up | memory saved |",
+             "|---|" + "---|" * (3 * len(impls) + 2)]
     for pairs, length, r in rows:
         f, ref_ = r.get("fused"), r.get("reference")
         speed = f"{ref_[0] / f[0]:.2f}x" if f and ref_ else "-"
         saved = f"{(ref_[1] - f[1]) / 2**20:.0f} MiB" if f and ref_ else "-"
         lines.append(f"| {pairs} x {length} | " + " | ".join(f"{r[i][0]:.2f}" for i in impls)
+                     + " | " + " | ".join(f"{r[i][3]:.3f}" for i in impls)
                      + " | " + " | ".join(f"{r[i][1] / 2**20:.0f}" for i in impls)
                      + f" | {speed} | {saved} |")
     text = "\n".join(lines) + "\n"
