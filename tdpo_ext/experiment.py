@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 METHODS = {"DPO": ("dpo", 0.5), "TDPO1": ("tdpo1", 0.5), "TDPO2 a=0.1": ("tdpo2", 0.1),
            "TDPO2 a=0.5": ("tdpo2", 0.5), "TDPO2 a=1.0": ("tdpo2", 1.0)}
 NOISE = 0.03
+NOTES_MARKER = "<!-- notes: kept when the report is regenerated -->"
 COLORS = {"DPO": "tab:red", "TDPO1": "tab:orange", "TDPO2 a=0.1": "tab:cyan",
           "TDPO2 a=0.5": "tab:blue", "TDPO2 a=1.0": "tab:purple"}
 
@@ -240,8 +241,14 @@ def report(points, methods, betas, seeds, args, docs, runtime_s, command):
                          f"(differences {', '.join(f'{x:+.3f}' for x in d)}).")
     lines += ["- Final rejected-minus-chosen eval KL per beta: " + "; ".join(
         f"{m} " + ", ".join(f"{g:.2f}" for g in gap[m].values()) for m in methods) + "."]
-    with open(os.path.join(docs, "frontier.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    path, notes = os.path.join(docs, "frontier.md"), ""
+    if os.path.isfile(path):  # hand-written notes after the marker survive a re-report
+        with open(path) as f:
+            old = f.read()
+        if NOTES_MARKER in old:
+            notes = "\n" + old[old.index(NOTES_MARKER):]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n" + notes)
     print("\n".join(lines))
 
 
