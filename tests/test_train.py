@@ -138,3 +138,36 @@ def test_ddp_two_processes_first_step_loss_equals_one_process(tmp_path, pairs):
     assert d[0]["loss/eval"] == pytest.approx(s[0]["loss/eval"], rel=1e-5, abs=1e-6)
     # the same global batch and averaged gradients: the second step agrees too
     assert d[2]["loss/train"] == pytest.approx(s[2]["loss/train"], rel=1e-4, abs=1e-5)
+
+
+def test_transformers_model_from_a_folder(tmp_path, pairs, capsys):
+    """--model DIR with a (tiny, random) transformers causal LM and its tokenizer: trains,
+    writes a save_pretrained folder that loads again as --model."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from tdpo_ext import models as M
+    words = M.builtin_tokenizer().words
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>"] + words[3:])}
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>",
+                                               eos_token="</s>", unk_token="<unk>")
+    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32,
+                                      intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4,
+                                      max_position_embeddings=64, pad_token_id=0,
+                                      eos_token_id=1, bos_token_id=1)
+    torch.manual_seed(0)
+    folder = tmp_path / "hf_model"
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "run"
+    rc = train.main(["--model", str(folder), "--data", pairs, "--task", "sentiment",
+                     "--eval-prompts", "4", "--max-new-tokens", "6", "--steps", "2",
+                     "--batch-size", "4", "--eval-every", "2", "--lr", "1e-3",
+                     "--out", str(out), "--no-plots"])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and "task_reward" in summary
+    model, _ = M.load_model(str(out / "final"))
+    assert isinstance(model, transformers.LlamaForCausalLM)
