@@ -9,26 +9,15 @@ from hypothesis import strategies as st
 import oracle
 import tdpo_ext
 from compare import assert_within
-from error_bounds import EPS32, policy_grad_scale, upstream_token_grads
+from error_bounds import (EPS32, GRAD_ATOL, GRAD_RTOL, RTOL, ULPS, policy_grad_scale,
+                          upstream_token_grads)
 from inputs import DTYPES, Case, build, cases
 from tdpo_ext.reference import reference_sequence_stats
 
-# Tolerances. The kernels compute in float32 whatever the input dtype, and the oracle
-# reads the same (rounded) input values, so every dtype gets the float32 bounds:
-#   |kernel - oracle| <= RTOL * |oracle| + ULPS * EPS32 * magnitude of the summed terms
-# (error_bounds.py: the KL's float32 cancellation makes a purely relative bound wrong).
-# Measured on CPU over 400 random cases: errors up to 0.4 * EPS32 * magnitude; ULPS = 8
-# leaves room for other summation orders and exponentials (the CUDA kernels).
-RTOL = 1e-5
-ULPS = 8
-# Gradients come back in the policy dtype, rounded once from float32: up to half an ulp
-# of that dtype (relative) on top of the float32 bound. Absolute floors: float16's
-# subnormal spacing, and for float32 / bfloat16 values below float32's smallest normal,
-# which the exponentials may flush to 0.
-GRAD_RTOL = {torch.float32: RTOL, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-GRAD_ATOL = {torch.float32: 16 * torch.finfo(torch.float32).tiny,
-             torch.bfloat16: 16 * torch.finfo(torch.float32).tiny,
-             torch.float16: 2.0**-24}
+# Tolerances: RTOL, ULPS, GRAD_RTOL and GRAD_ATOL of error_bounds.py. The kernels compute
+# in float32 whatever the input dtype, and the oracle reads the same (rounded) input
+# values, so every dtype gets the float32 bounds (float32: relative 1e-5 plus 8 ulps of
+# the summed terms' magnitude); gradients add the policy dtype's rounding.
 STAT_NAMES = ("logps_margin", "seq_kl", "policy_logps")
 
 

@@ -8,22 +8,13 @@ from hypothesis import strategies as st
 import oracle
 import tdpo_ext
 from compare import assert_within
-from error_bounds import EPS32, policy_grad_scale, tdpo_loss_coef_error, upstream_token_grads
+from error_bounds import (EPS32, GRAD_ATOL, GRAD_RTOL, RTOL, ULPS, policy_grad_scale,
+                          tdpo_loss_coef_error, upstream_token_grads)
 from inputs import DTYPES, Case, build, cases
 
-# Tolerances: as in test_sequence_stats.py (float32 arithmetic for every input dtype,
-# RTOL relative plus ULPS * EPS32 * magnitude of the summed terms, see error_bounds.py),
-# carried through the pairwise loss: a pair's loss moves by at most beta * (1 + alpha)
-# times the rounding of its rows' statistics.
-# Measured on CPU over 400 random cases: errors up to 0.4 * EPS32 * magnitude; ULPS = 8
-# leaves room for other summation orders and exponentials (the CUDA kernels).
-RTOL = 1e-5
-ULPS = 8
-# Gradients in the policy dtype: see test_sequence_stats.py.
-GRAD_RTOL = {torch.float32: RTOL, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-GRAD_ATOL = {torch.float32: 16 * torch.finfo(torch.float32).tiny,
-             torch.bfloat16: 16 * torch.finfo(torch.float32).tiny,
-             torch.float16: 2.0**-24}
+# Tolerances: RTOL, ULPS, GRAD_RTOL and GRAD_ATOL of error_bounds.py (float32 arithmetic
+# for every input dtype), carried through the pairwise loss: a pair's loss moves by at
+# most beta * (1 + alpha) times the rounding of its rows' statistics.
 DETACHED_FIELDS = ("chosen_rewards", "rejected_rewards", "chosen_kl", "rejected_kl",
                    "chosen_logps", "rejected_logps")
 
