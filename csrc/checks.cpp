@@ -1,5 +1,6 @@
 #include "checks.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 namespace tdpo_ext {
@@ -94,6 +95,14 @@ Variant parse_variant(std::string_view variant) {
   if (variant == "dpo") return Variant::DPO;
   TORCH_CHECK(false, "tdpo_ext: unknown variant '", std::string(variant),
               "'; expected 'tdpo1', 'tdpo2' or 'dpo'");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_token_stats(
+    const at::Tensor& policy_logits, const at::Tensor& targets) {
+  const auto opts = policy_logits.options().dtype(at::kFloat);
+  const auto shape = targets.sizes();
+  return {at::empty(shape, opts), at::empty(shape, opts), at::empty(shape, opts),
+          at::empty(shape, opts), at::empty(shape, opts)};
 }
 
 at::Tensor with_unit_vocab_stride(const at::Tensor& logits) {

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <string_view>
+#include <tuple>
 
 #include "tdpo_math.h"
 
@@ -31,6 +32,11 @@ void check_pair_inputs(const at::Tensor& chosen_logps_margin,
                        const at::Tensor& rejected_kl, double beta);
 
 Variant parse_variant(std::string_view variant);
+
+// The five (N, T) float32 outputs of token_stats (logp_pol, logp_ref, token_kl, lse_pol,
+// lse_ref), allocated on the logits' device for either implementation to fill.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_token_stats(
+    const at::Tensor& policy_logits, const at::Tensor& targets);
 
 // The kernels address logits as (row, position, vocab) with a unit vocabulary stride;
 // views such as logits[:, :-1] qualify as they are. Anything else is copied once.

@@ -2,5 +2,6 @@
 # The README's test command: set up a fresh machine, build, run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh pytest hypothesis
+# The training tests need the "train" extra too (matplotlib, transformers, VADER).
+bash scripts/setup.sh pytest hypothesis tqdm matplotlib vadersentiment transformers tokenizers
 python3 -m pytest tests "$@"

@@ -15,6 +15,7 @@ final/ (the policy), checkpoint/ (the latest full training state, for --resume),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import torch.distributed as dist
 
 from . import data as D
 from . import models as M
+from .fused_linear import fused_linear_tdpo_loss, lm_head_of
 from .ops import sequence_stats, tdpo_loss
 from .reference import reference_tdpo_loss
 from .tasks import TASKS, get_task
@@ -38,7 +40,8 @@ GENERIC_DEFAULTS = dict(
     eval_data_size=256, pair_prompts=0, eval_prompts=64, max_new_tokens=64)
 FIXED_DEFAULTS = dict(seed=0, loss_impl="fused", device="auto", dtype="float32",
                       truncation_mode="keep_end", max_grad_norm=10.0, weight_decay=0.0,
-                      temperature=1.0, top_k=0, average_log_prob=False, plots=True)
+                      temperature=1.0, top_k=0, average_log_prob=False, plots=True,
+                      fused_linear=False)
 DEBUG_KEYS = ("stop_after_steps", "debug_nan_at_step", "resume", "out")
 
 
@@ -86,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval-every", type=int, help="steps between evaluations")
     a("--save-every", type=int, help="steps between checkpoints (default: --eval-every)")
     a("--loss-impl", choices=["fused", "reference"])
+    a("--fused-linear", action="store_true", default=None,
+      help="compute the loss from the body's hidden states and the LM-head weight "
+      "(fused_linear_tdpo_loss), never materializing logits; transformers models whose "
+      "head is a plain linear layer, one process")
     a("--out", help="output folder (default: runs/<timestamp>)")
     a("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     a("--device", help="auto | cpu | cuda | cuda:N"), a("--dtype",
@@ -194,8 +201,47 @@ def sft_logps(logits, labels):
     return (logp * mask).sum(-1)
 
 
+def check_fused_linear(cfg, policy, ref, world: int) -> None:
+    """Refuses --fused-linear, with the reason, where it cannot run."""
+    if not cfg["fused_linear"]:
+        return
+    why = None
+    if cfg["loss"] == "sft" or cfg["loss_impl"] != "fused":
+        why = "it needs a preference loss and --loss-impl fused"
+    elif world > 1:
+        why = ("DistributedDataParallel synchronizes gradients through the wrapped model's "
+               "forward, which --fused-linear bypasses; run one process")
+    elif isinstance(policy, M.TinyGPT):
+        why = "the built-in tiny model has no separable LM head; use a transformers model"
+    if why is None:
+        try:
+            lm_head_of(policy)
+            lm_head_of(ref)
+        except ValueError as e:
+            why = str(e)
+    if why is not None:
+        raise SystemExit(f"tdpo-train: --fused-linear: {why}")
+
+
+def forward_hidden_and_head(model, batch):
+    """(last hidden states, head weight, head bias) of a model that lm_head_of fuses."""
+    body, weight, bias = lm_head_of(M.unwrap(model))
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  use_cache=False).last_hidden_state
+    return hidden, weight, bias
+
+
 def batch_loss(policy, ref, batch, cfg, split: str):
     """(mean loss, per-pair metric tensors named as in the reference implementation)."""
+    kw = dict(beta=cfg["beta"], alpha=cfg["alpha"], variant=cfg["loss"],
+              average_log_prob=cfg["average_log_prob"])
+    if cfg["fused_linear"] and cfg["loss"] != "sft":
+        hidden, weight, bias = forward_hidden_and_head(policy, batch)
+        with torch.no_grad():
+            ref_hidden, ref_weight, ref_bias = forward_hidden_and_head(ref, batch)
+        out = fused_linear_tdpo_loss(hidden, weight, ref_hidden, ref_weight, batch["labels"],
+                                     policy_bias=bias, ref_bias=ref_bias, **kw)
+        return out.loss, pair_metrics(out, split)
     logits = M.forward_logits(policy, batch["input_ids"], batch["attention_mask"])
     if cfg["loss"] == "sft":
         logps = sft_logps(logits, batch["labels"])
@@ -203,10 +249,14 @@ def batch_loss(policy, ref, batch, cfg, split: str):
     with torch.no_grad():
         ref_logits = M.forward_logits(ref, batch["input_ids"], batch["attention_mask"])
     fn = tdpo_loss if cfg["loss_impl"] == "fused" else reference_tdpo_loss
-    out = fn(logits, ref_logits, batch["labels"], beta=cfg["beta"], alpha=cfg["alpha"],
-             variant=cfg["loss"], average_log_prob=cfg["average_log_prob"])
+    out = fn(logits, ref_logits, batch["labels"], **kw)
+    return out.loss, pair_metrics(out, split)
+
+
+def pair_metrics(out, split: str) -> dict:
+    """Per-pair metric tensors of a TDPOOutput, named as in the reference implementation."""
     c, r = out.chosen_rewards, out.rejected_rewards
-    return out.loss, {
+    return {
         "loss": out.losses.detach(),
         f"rewards_{split}/chosen": c, f"rewards_{split}/rejected": r,
         f"rewards_{split}/accuracies": (c > r).float(), f"rewards_{split}/margins": c - r,
@@ -449,7 +499,7 @@ class Stage:
             for j in range(cfg["grad_accum"]):
                 items = [self.train_items[i] for i in mine[j * self.micro:(j + 1) * self.micro]]
                 sync = j == cfg["grad_accum"] - 1 or self.world == 1
-                ctx = self.policy.no_sync() if not sync else _null()
+                ctx = self.policy.no_sync() if not sync else contextlib.nullcontext()
                 with ctx:
                     loss, values = batch_loss(self.policy, self.ref, self._batch(items), cfg,
                                               "train")
@@ -509,14 +559,6 @@ class Stage:
             f"[{self.name}] non-finite {'loss' if not math.isfinite(loss) else 'gradient'} "
             f"at step {self.step + 1} (loss {loss}, grad norm {grad_norm}): stopping; {where}. "
             f"Try a lower --lr or --beta, or --dtype float32.")
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 # ---------------------------------------------------------------------------------------
@@ -599,6 +641,7 @@ def run(cfg: dict) -> dict:
                                          chat_template=cfg["chat_template"])[0])
     else:
         ref = M.frozen_copy(policy)
+    check_fused_linear(cfg, policy, ref, world)
     if isinstance(policy, M.TinyGPT) and cfg["max_length"] > policy.config.max_len:
         log(f"--max-length {cfg['max_length']} -> {policy.config.max_len}, the tiny model's "
             f"context")

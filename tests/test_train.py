@@ -140,9 +140,9 @@ def test_ddp_two_processes_first_step_loss_equals_one_process(tmp_path, pairs):
     assert d[2]["loss/train"] == pytest.approx(s[2]["loss/train"], rel=1e-4, abs=1e-5)
 
 
-def test_transformers_model_from_a_folder(tmp_path, pairs, capsys):
-    """--model DIR with a (tiny, random) transformers causal LM and its tokenizer: trains,
-    writes a save_pretrained folder that loads again as --model."""
+def save_tiny_llama(folder):
+    """A tiny random transformers causal LM (Llama, tied head) with a word-level
+    tokenizer over the built-in vocabulary, saved to folder."""
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
     from tdpo_ext import models as M
@@ -158,9 +158,17 @@ def test_transformers_model_from_a_folder(tmp_path, pairs, capsys):
                                       max_position_embeddings=64, pad_token_id=0,
                                       eos_token_id=1, bos_token_id=1)
     torch.manual_seed(0)
-    folder = tmp_path / "hf_model"
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_transformers_model_from_a_folder(tmp_path, pairs, capsys):
+    """--model DIR with a (tiny, random) transformers causal LM and its tokenizer: trains,
+    writes a save_pretrained folder that loads again as --model."""
+    transformers = pytest.importorskip("transformers")
+    from tdpo_ext import models as M
+    folder = save_tiny_llama(tmp_path / "hf_model")
     out = tmp_path / "run"
     rc = train.main(["--model", str(folder), "--data", pairs, "--task", "sentiment",
                      "--eval-prompts", "4", "--max-new-tokens", "6", "--steps", "2",
@@ -171,3 +179,31 @@ def test_transformers_model_from_a_folder(tmp_path, pairs, capsys):
     assert summary["steps"] == 2 and "task_reward" in summary
     model, _ = M.load_model(str(out / "final"))
     assert isinstance(model, transformers.LlamaForCausalLM)
+
+
+def test_fused_linear_matches_materialized_logits(tmp_path, pairs, capsys):
+    """--fused-linear (hidden states + LM-head weight, no logits) trains a transformers
+    model to the same losses and parameters as the materialized-logits path."""
+    folder = save_tiny_llama(tmp_path / "hf_model")
+    common = ["--model", folder, "--data", pairs, "--task", "none", "--steps", "3",
+              "--batch-size", "4", "--eval-every", "3", "--lr", "1e-3", "--no-plots"]
+    runs = {}
+    for name, extra in (("logits", []), ("fused_linear", ["--fused-linear"])):
+        out = tmp_path / name
+        assert train.main([*common, *extra, "--out", str(out)]) == 0, capsys.readouterr().err
+        runs[name] = out
+    logits_run, fused_run = ([m for m in read_metrics(runs[n]) if "loss/train" in m]
+                             for n in ("logits", "fused_linear"))
+    assert len(logits_run) == len(fused_run) == 3
+    for a, b in zip(logits_run, fused_run):
+        assert b["loss/train"] == pytest.approx(a["loss/train"], rel=1e-4, abs=1e-6)
+        assert b["kl_train/rejected"] == pytest.approx(a["kl_train/rejected"], rel=1e-3,
+                                                       abs=1e-6)
+    config = json.loads((runs["fused_linear"] / "config.json").read_text())
+    assert config["fused_linear"] is True
+
+
+def test_fused_linear_refuses_the_tiny_model(tmp_path, pairs):
+    with pytest.raises(SystemExit, match="--fused-linear: the built-in tiny model"):
+        train.main(["--data", pairs, "--task", "none", "--steps", "1", "--batch-size", "4",
+                    "--fused-linear", "--no-plots", "--out", str(tmp_path / "run")])

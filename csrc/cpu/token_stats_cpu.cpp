@@ -3,12 +3,8 @@
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
-#include <sys/mman.h>
-
-#include <cstdlib>
 #include <tuple>
 
 #include "../build_info.h"
@@ -50,30 +46,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_sta
   check_token_stats_inputs(policy_logits_in, ref_logits_in, targets);
   const at::Tensor policy_logits = with_unit_vocab_stride(policy_logits_in);
   const at::Tensor ref_logits = with_unit_vocab_stride(ref_logits_in);
-  const auto opts = policy_logits.options().dtype(at::kFloat);
-  const auto shape = targets.sizes();
-  at::Tensor logp_pol = at::empty(shape, opts), logp_ref = at::empty(shape, opts),
-             token_kl = at::empty(shape, opts), lse_pol = at::empty(shape, opts),
-             lse_ref = at::empty(shape, opts);
+  at::Tensor logp_pol, logp_ref, token_kl, lse_pol, lse_ref;
+  std::tie(logp_pol, logp_ref, token_kl, lse_pol, lse_ref) =
+      empty_token_stats(policy_logits, targets);
   kernels().forward(policy_logits, ref_logits, targets, ignore_index, logp_pol, logp_ref,
                     token_kl, lse_pol, lse_ref);
   return {logp_pol, logp_ref, token_kl, lse_pol, lse_ref};
-}
-
-// The gradient is as large as the logits (hundreds of MiB): on first touch, 4 KiB pages
-// cost one fault each, which can take longer than the kernel itself. Large gradients are
-// therefore allocated 2 MiB-aligned and advised to use transparent huge pages (what
-// torch's THP_MEM_ALLOC_ENABLE=1 does for every allocation), cutting the faults 512-fold.
-at::Tensor empty_with_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  constexpr size_t kHugePage = size_t(2) << 20;
-  size_t bytes = options.dtype().itemsize();
-  for (int64_t s : sizes) bytes *= static_cast<size_t>(s);
-  if (bytes < 16 * kHugePage) return at::empty(sizes, options);
-  const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-  void* data = std::aligned_alloc(kHugePage, rounded);
-  if (data == nullptr) return at::empty(sizes, options);
-  madvise(data, rounded, MADV_HUGEPAGE);
-  return at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
 }
 
 at::Tensor token_stats_backward_cpu(const at::Tensor& grad_logp_pol,
@@ -89,7 +67,7 @@ at::Tensor token_stats_backward_cpu(const at::Tensor& grad_logp_pol,
   // Upstream gradients may arrive expanded or strided; the kernel reads them densely.
   const at::Tensor g_logp = grad_logp_pol.to(at::kFloat).contiguous();
   const at::Tensor g_kl = grad_token_kl.to(at::kFloat).contiguous();
-  at::Tensor grad = empty_with_huge_pages(policy_logits.sizes(), policy_logits.options());
+  at::Tensor grad = at::empty(policy_logits.sizes(), policy_logits.options());
   kernels().backward(g_logp, g_kl, policy_logits, ref_logits, targets, lse_pol.contiguous(),
                      lse_ref.contiguous(), ignore_index, grad);
   return grad;

@@ -387,11 +387,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_sta
   const c10::cuda::CUDAGuard guard(policy_logits_in.device());
   const at::Tensor policy_logits = with_unit_vocab_stride(policy_logits_in);
   const at::Tensor ref_logits = with_unit_vocab_stride(ref_logits_in);
-  const auto opts = policy_logits.options().dtype(at::kFloat);
-  const auto shape = targets.sizes();
-  at::Tensor logp_pol = at::empty(shape, opts), logp_ref = at::empty(shape, opts),
-             token_kl = at::empty(shape, opts), lse_pol = at::empty(shape, opts),
-             lse_ref = at::empty(shape, opts);
+  at::Tensor logp_pol, logp_ref, token_kl, lse_pol, lse_ref;
+  std::tie(logp_pol, logp_ref, token_kl, lse_pol, lse_ref) =
+      empty_token_stats(policy_logits, targets);
   const RowLayout layout = make_layout(policy_logits, ref_logits, targets);
   if (layout.rows == 0) return {logp_pol, logp_ref, token_kl, lse_pol, lse_ref};
 
