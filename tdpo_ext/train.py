@@ -203,7 +203,7 @@ def sft_logps(logits, labels):
 
 def check_fused_linear(cfg, policy, ref, world: int) -> None:
     """Refuses --fused-linear, with the reason, where it cannot run."""
-    if not cfg["fused_linear"]:
+    if not cfg.get("fused_linear"):
         return
     why = None
     if cfg["loss"] == "sft" or cfg["loss_impl"] != "fused":
@@ -235,7 +235,7 @@ def batch_loss(policy, ref, batch, cfg, split: str):
     """(mean loss, per-pair metric tensors named as in the reference implementation)."""
     kw = dict(beta=cfg["beta"], alpha=cfg["alpha"], variant=cfg["loss"],
               average_log_prob=cfg["average_log_prob"])
-    if cfg["fused_linear"] and cfg["loss"] != "sft":
+    if cfg.get("fused_linear") and cfg["loss"] != "sft":
         hidden, weight, bias = forward_hidden_and_head(policy, batch)
         with torch.no_grad():
             ref_hidden, ref_weight, ref_bias = forward_hidden_and_head(ref, batch)
