@@ -746,6 +746,8 @@ def main(argv=None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if rank != 0:
+        return 0
     if "task_reward" in summary:
         log(f"task reward of policy samples: {summary['task_reward']['before']:.3f} before -> "
             f"{summary['task_reward']['after']:.3f} after (sequential KL from the reference "
