@@ -399,9 +399,10 @@ def main():
                         "default smollm2 on cpu, llama3 on cuda")
     p.add_argument("--dtype", default=None, help="default float32 on cpu, bfloat16 on cuda")
     p.add_argument("--prompt-fracs", default="0,0.25",
-                   help="comma-separated fractions of each row masked as prompt")
+                   help="comma-separated fractions of each row masked as prompt (memory is "
+                        "measured at the first only)")
     p.add_argument("--methods", default=None)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--train-step", action="store_true", help="the SmolLM2 training step")
@@ -427,9 +428,12 @@ def main():
     if not args.train_step or args.all:
         shape = args.shape or ("llama3" if cuda else "smollm2")
         dims = SHAPES.get(shape) or tuple(int(x) for x in shape.split("x"))
+        memory = args.memory
         for frac in (float(f) for f in args.prompt_fracs.split(",")):
             print(f"op {dims} {args.dtype} prompt {frac}", flush=True)
             op_results.append(bench_op(args, dims, args.dtype, frac))
+            args.memory = False  # measured at the first prompt fraction only (the worst case)
+        args.memory = memory
     if args.train_step or args.all:
         if args.all:
             args.methods = ",".join(STEP_METHODS)

@@ -5,8 +5,9 @@ Two ops, both opaque to torch.compile (Python custom ops with fake kernels and a
 registered right here), work on the flat list of tokens:
 
 - ``tdpo_ext::fused_linear_token_stats``: for each chunk of unmasked tokens, the logits
-  of both models (``F.linear`` in each model's own dtype, the reference's under no grad)
-  go through ``tdpo_ext::token_stats``; only the per-token statistics are kept.
+  ``hidden @ W.T (+ b)`` of both models (each in its own dtype, into buffers reused from
+  chunk to chunk) go through ``tdpo_ext::token_stats``; only the per-token statistics
+  are kept.
 - ``tdpo_ext::fused_linear_token_stats_backward``: for each chunk, the policy logits are
   recomputed (and the reference logits only for tokens whose ``token_kl`` gradient is
   nonzero: none for DPO, the rejected rows only for TDPO2), ``tdpo_ext::token_stats_backward``
@@ -55,8 +56,8 @@ def auto_chunk_size(vocab: int, policy_hidden_size: int, ref_hidden_size: Option
 
     The forward holds two of those buffers, so it stays under the budget too. The rule
     depends on V, H and the dtypes only, never on N * T: the extra memory is bounded
-    whatever the batch. (One chunk size for every phase keeps the buffers one size, so
-    that the allocator reuses the same blocks instead of fragmenting.)"""
+    whatever the batch. (One chunk size serves every phase, so that the buffers of the
+    forward and the backward are of one size and reuse the same memory.)"""
     ref_hidden_size = policy_hidden_size if ref_hidden_size is None else ref_hidden_size
     ref_dtype = policy_dtype if ref_dtype is None else ref_dtype
     p, r = _itemsize(policy_dtype), _itemsize(ref_dtype)
@@ -73,6 +74,21 @@ def _chunk_for(chunk_size: int, n_tokens: int, policy_weight: Tensor, ref_weight
                                      ref_weight.shape[1], policy_weight.dtype, ref_weight.dtype,
                                      policy_weight.device)
     return max(1, min(chunk_size, n_tokens))
+
+
+def _chunk_buffers(rows: int, vocab: int, dtypes, device) -> list[Tensor]:
+    """(rows, V) buffers of the given dtypes, carved from one allocation. One block,
+    rather than one per buffer, is large enough (>= 32 MiB at the shapes where memory
+    matters) that glibc maps it afresh and gives it back when freed, instead of keeping
+    it in its heap, where the freed blocks of one phase may not fit the next (its
+    adaptive mmap threshold otherwise moves every block under 32 MiB into the heap)."""
+    sizes = [rows * vocab * _itemsize(d) for d in dtypes]
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + (size + 63) // 64 * 64)
+    block = torch.empty(offsets[-1], dtype=torch.uint8, device=device)
+    return [block[o:o + n].view(d).view(rows, vocab)
+            for o, n, d in zip(offsets, sizes, dtypes)]
 
 
 def _linear_into(buffer: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
@@ -122,8 +138,8 @@ def _fused_linear_token_stats(policy_hidden: Tensor, policy_weight: Tensor,
     vocab = policy_weight.shape[0]
     _check_targets_in_vocab(tgt, idx, vocab, seq_len)
     chunk = _chunk_for(chunk_size, idx.numel(), policy_weight, ref_weight)
-    pol_buf = policy_hidden.new_empty((chunk, vocab))
-    ref_buf = ref_hidden.new_empty((chunk, vocab))
+    pol_buf, ref_buf = _chunk_buffers(chunk, vocab, (policy_hidden.dtype, ref_hidden.dtype),
+                                      policy_hidden.device)
     with torch.autocast(policy_hidden.device.type, enabled=False):
         for start in range(0, idx.numel(), chunk):
             i = idx[start:start + chunk]
@@ -177,8 +193,11 @@ def _fused_linear_token_stats_backward(
     groups = ((needs_ref.nonzero().squeeze(1), True),
               ((active & ~needs_ref).nonzero().squeeze(1), False))
     chunk = _chunk_for(chunk_size, max(g.numel() for g, _ in groups), policy_weight, ref_weight)
-    pol_buf = policy_hidden.new_empty((chunk, vocab))
-    ref_buf = ref_hidden.new_empty((chunk, vocab)) if groups[0][0].numel() else None
+    if groups[0][0].numel():
+        pol_buf, ref_buf = _chunk_buffers(chunk, vocab, (policy_hidden.dtype, ref_hidden.dtype),
+                                          dev)
+    else:
+        (pol_buf,), ref_buf = _chunk_buffers(chunk, vocab, (policy_hidden.dtype,), dev), None
     with torch.autocast(dev.type, enabled=False):
         for idx, with_ref in groups:
             for start in range(0, idx.numel(), chunk):
