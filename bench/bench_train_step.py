@@ -3,7 +3,7 @@ forward, loss), --loss-impl fused beside reference, at a few batch shapes: time 
 memory. The step is tdpo_ext.train.batch_loss + backward, the training loop's own code
 (the optimizer update is left out: it is the same for both).
 
-    python bench/bench_train_step.py                      # writes bench/RESULTS_train_step.md
+    python bench/bench_train_step.py                      # appends to bench/RESULTS.md
     python bench/bench_train_step.py --shapes 1x64 --repeats 1 --out -   # quick look
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated over the step; on CPU, the peak
@@ -131,7 +131,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                 "RESULTS_train_step.md"), help="- for stdout")
+                                                 "RESULTS.md"),
+                   help="markdown file the table is appended to; - for stdout only")
     args = p.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     t0 = time.time()
@@ -197,7 +198,7 @@ def main():
     if args.out == "-":
         print(text)
     else:
-        with open(args.out, "w") as fh:
+        with open(args.out, "a") as fh:
             fh.write(text)
         print(text + f"\nwritten to {args.out}")
 
