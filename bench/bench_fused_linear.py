@@ -13,7 +13,7 @@ LM-head weights + fused_linear_tdpo_loss (what `tdpo-train --fused-linear` does)
     python bench/bench_fused_linear.py                          # SmolLM2 shapes, CPU
     python bench/bench_fused_linear.py --device cuda --shape llama3   # N=8 T=2048 V=128256
     python bench/bench_fused_linear.py --train-step             # SmolLM2 training step
-    python bench/bench_fused_linear.py --all --out bench/RESULTS_fused_linear.md
+    python bench/bench_fused_linear.py --all --out bench/RESULTS.md
 
 Time: each method in turn within one process, rotated each repetition (interleaved), the
 median per method and the median of the per-repetition ratios to the materialized path.
@@ -442,9 +442,9 @@ def main():
     text = report(op_results, step_result, args)
     print(text)
     if args.out != "-":
-        with open(args.out, "w") as f:
-            f.write(text)
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        with open(args.out, "a") as f:  # RESULTS.md collects every benchmark's section
+            f.write("\n" + text)
+        with open(os.path.splitext(args.out)[0] + "_fused_linear.json", "w") as f:
             json.dump({"op": op_results, "train_step": step_result}, f, indent=1)
         print(f"written to {args.out}")
 
