@@ -28,7 +28,6 @@ torch.cuda.max_memory_allocated above the allocation before the call.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import gc
 import json
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import tdpo_ext  # noqa: E402
+from peak_memory import PeakMemory  # noqa: E402
 from tdpo_ext import fused_linear_tdpo_loss, tdpo_loss  # noqa: E402
 from tdpo_ext.fused_linear import auto_chunk_size, lm_head_of  # noqa: E402
 from tdpo_ext.reference import reference_tdpo_loss  # noqa: E402
@@ -55,45 +54,6 @@ STEP_METHODS = ("materialized", "fused")
 
 # ---------------------------------------------------------------------------------------
 # Memory
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class PeakMemory:
-    """Peak bytes above the start: CUDA allocated memory, or the CPU resident set."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __enter__(self):
-        gc.collect()
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            try:
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
-            except OSError:
-                pass
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # VmHWM := VmRSS
-            self.base = _status("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.peak = _status("VmHWM") - self.base
-        return False
-
 
 def child_memory(argv: list[str]) -> dict:
     """Runs one method in a fresh process (this script, --child) and returns its JSON."""

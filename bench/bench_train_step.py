@@ -13,8 +13,6 @@ minus the resident size before it, after returning freed memory to the OS (mallo
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import os
 import platform
 import statistics
@@ -25,52 +23,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from peak_memory import PeakMemory  # noqa: E402
 from tdpo_ext import models as M  # noqa: E402
 from tdpo_ext.train import batch_loss  # noqa: E402
-
-
-def _status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _trim():
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-class PeakMemory:
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def __enter__(self):
-        _trim()
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-            except OSError:
-                pass
-            self.base = _status("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.peak = _status("VmHWM") - self.base
-        return False
 
 
 def make_batch(pairs, length, vocab, device, gen):

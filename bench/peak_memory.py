@@ -1,0 +1,50 @@
+"""Peak memory of a region of code, for the benchmarks that run in one process per
+method: CUDA allocated memory, or on CPU the resident set (VmHWM, reset to VmRSS by
+writing 5 to /proc/self/clear_refs after returning freed memory to the OS)."""
+from __future__ import annotations
+
+import ctypes
+import gc
+
+import torch
+
+
+def status_bytes(field: str) -> int:
+    """A size field of /proc/self/status (VmRSS, VmHWM), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as mem: ...`` then ``mem.peak``: peak bytes above the
+    start of the region."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except OSError:
+                pass
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+            self.base = status_bytes("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.peak = status_bytes("VmHWM") - self.base
+        return False
