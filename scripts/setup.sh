@@ -11,6 +11,13 @@ if ! $PY -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TO
   $PY -m pip install --quiet "torch==$TORCH_VERSION"
 fi
 $PY -m pip install --quiet ninja pybind11 numpy "$@"
-echo "== building tdpo_ext (pip install --no-build-isolation -e .)"
-$PY -m pip install --quiet --no-build-isolation --no-deps -e .
+# Rebuild only when no built extension is in place or a source is newer than it.
+built=$(ls tdpo_ext/_C*.so 2>/dev/null | head -n 1 || true)
+if [ -n "$built" ] && [ -z "$(find csrc setup.py -newer "$built" -print -quit)" ] \
+    && $PY -c "import tdpo_ext" 2>/dev/null; then
+  echo "== tdpo_ext is built and current ($built)"
+else
+  echo "== building tdpo_ext (pip install --no-build-isolation -e .)"
+  $PY -m pip install --quiet --no-build-isolation --no-deps -e .
+fi
 $PY -c "import tdpo_ext; print('tdpo_ext', tdpo_ext.__version__, '| CUDA kernels:', tdpo_ext.built_with_cuda())"
