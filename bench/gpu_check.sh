@@ -3,18 +3,22 @@
 #
 #   bash bench/gpu_check.sh OUTDIR
 #
-# 1. builds the extension for this card only (TORCH_CUDA_ARCH_LIST = its compute
-#    capability, MAX_JOBS=16, TDPO_EXT_CUDA=1; `pip install -e .`, else
-#    `setup.py build_ext --inplace`)                                     -> build.log
+# 1. builds the extension in place for this card only (TORCH_CUDA_ARCH_LIST = its
+#    compute capability, MAX_JOBS=16, TDPO_EXT_CUDA=1, `setup.py build_ext --inplace`:
+#    one build, nothing fetched)                                         -> build.log
 # 2. runs bench/sanitizer_case.py plainly: every CUDA kernel vs the CPU op -> cuda_vs_cpu.log
 # 3. runs the CUDA tests (pytest -k "cuda or CUDA")                        -> tests.log
 # 4. runs bench/sanitizer_case.py under compute-sanitizer memcheck        -> memcheck.log
 # 5. ... and racecheck                                                     -> racecheck.log
-# 6. runs bench/bench_ops.py --device cuda (extra arguments from $TDPO_BENCH_ARGS)
+# 6. runs bench/bench_ops.py --device cuda (extra arguments from $TDPO_BENCH_ARGS), within
+#    what is left of the budget but $TDPO_FUSED_RESERVE seconds (default 120)
 #                                                                          -> bench_cuda.md, bench.log
+# 7. runs bench/bench_fused_linear.py --device cuda (N=8 T=2048 H=4096 V=128256 bf16;
+#    extra arguments from $TDPO_FUSED_ARGS)                                -> fused_cuda.md, fused.log
 # and writes OUTDIR/summary.md: the card, the tools found, each step's result and time.
-# Every step has its own timeout and the whole stays within ~9 minutes; a failing step
-# does not stop the later ones. Exit status: 0 all passed, 1 a step failed, 2 no GPU.
+# Every step has its own timeout and the whole ends within $TDPO_GPU_CHECK_SECONDS
+# (default 530) seconds; a failing step does not stop the later ones.
+# Exit status: 0 all passed, 1 a step failed, 2 no GPU.
 set -u
 
 if [ $# -ne 1 ]; then
@@ -26,7 +30,8 @@ OUT=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 SUMMARY="$OUT/summary.md"
-DEADLINE=530   # seconds after start by which the last step must end
+DEADLINE=${TDPO_GPU_CHECK_SECONDS:-530}  # seconds after start by which the last step must end
+FUSED_RESERVE=${TDPO_FUSED_RESERVE:-120} # seconds kept for step 7
 ROWS=""        # the step table of the summary
 NOTES=""       # lines under it
 FAILED=0
@@ -160,16 +165,11 @@ SANITIZER=$(find_sanitizer | head -1)
 TOOLS="pytest: $HAVE_PYTEST, hypothesis: $HAVE_HYPOTHESIS, compute-sanitizer: ${SANITIZER:-not found}"
 echo "gpu_check: $CARD | arch $ARCH | $SOFTWARE | $TOOLS"
 
-# --- 1. Build for this card only. --no-index: pip must not wait on a network that is
-# not there (the build needs nothing from it with --no-build-isolation --no-deps).
+# --- 1. Build for this card only, in place: one compile, nothing fetched from a network
+# that is not there (a pip install could fall back and compile everything twice).
 export TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=16 TDPO_EXT_CUDA=1 PY
 BUILT=no
-run_step build 200 build.log bash -c '
-  "$PY" -m pip --version && "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . && exit 0
-  echo "gpu_check: pip install -e . failed or pip is missing; falling back to setup.py build_ext --inplace"
-  "$PY" setup.py build_ext --inplace' && BUILT=yes
-grep -q "falling back to setup.py" "$OUT/build.log" &&
-  note "pip install -e . failed or pip is missing: built with setup.py build_ext --inplace"
+run_step build 240 build.log "$PY" setup.py build_ext --inplace && BUILT=yes
 if [ $BUILT = yes ] && ! "$PY" -c "import sys, tdpo_ext; sys.exit(not tdpo_ext.built_with_cuda())" \
      >> "$OUT/build.log" 2>&1; then
   note "the build finished but tdpo_ext does not import with CUDA kernels (see build.log)"
@@ -179,7 +179,7 @@ fi
 
 if [ $BUILT = no ]; then
   note "the later steps need the CUDA build; see build.log"
-  for s in cuda_vs_cpu tests memcheck racecheck bench; do skip_step "$s" "build failed"; done
+  for s in cuda_vs_cpu tests memcheck racecheck bench fused; do skip_step "$s" "build failed"; done
   write_summary
   exit 1
 fi
@@ -223,9 +223,9 @@ else
   skip_step racecheck "compute-sanitizer not found"
 fi
 
-# --- 6. Benchmark, with whatever time is left.
+# --- 6. Benchmark of the ops, with what is left but step 7's reserve.
 if [ -f bench/bench_ops.py ]; then
-  left=$((DEADLINE - SECONDS))
+  left=$((DEADLINE - SECONDS - FUSED_RESERVE))
   if [ "$left" -ge 30 ]; then
     # shellcheck disable=SC2086  # TDPO_BENCH_ARGS is a list of arguments
     run_step bench "$left" bench.log "$PY" bench/bench_ops.py --device cuda \
@@ -236,6 +236,16 @@ if [ -f bench/bench_ops.py ]; then
 else
   note "bench/bench_ops.py is absent in this checkout: no benchmark was run"
   skip_step bench "bench/bench_ops.py absent"
+fi
+
+# --- 7. Fused linear TDPO beside the materialized path and the reference pattern.
+left=$((DEADLINE - SECONDS))
+if [ "$left" -ge 30 ]; then
+  # shellcheck disable=SC2086  # TDPO_FUSED_ARGS is a list of arguments
+  run_step fused "$left" fused.log "$PY" bench/bench_fused_linear.py --device cuda \
+    --out "$OUT/fused_cuda.md" ${TDPO_FUSED_ARGS:-}
+else
+  skip_step fused "only ${left}s left of the time budget"
 fi
 
 write_summary
