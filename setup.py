@@ -105,7 +105,8 @@ def make_extension():
             extra_compile_args={"cxx": cxx_flags}), cpp_extension
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    # The .cpp files there hold the ops (host compiler), the .cu files the kernels.
+    sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
     return cpp_extension.CUDAExtension(
         "tdpo_ext._C", sources, include_dirs=include_dirs + nvidia_wheel_includes(),
@@ -116,12 +117,53 @@ def make_extension():
 extension, cpp_extension = make_extension()
 
 
+def loaded_libstdcxx():
+    """The libstdc++.so.6 that this process (torch's libraries) has loaded, or None."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split()[-1]
+            if os.path.basename(path).startswith("libstdc++.so"):
+                return path
+    return None
+
+
+def shared_libstdcxx_link_args(linker):
+    """Link arguments that make the extension share torch's libstdc++.
+
+    A toolchain that has only libstdc++.a (the /opt/gcc of the GPU machines we were lent
+    on 2026-11-27) links a private static copy of libstdc++ into the extension. Its
+    iostreams are never set up in the Python process, so the first error message that
+    formats a number (every shape check) crashed the process with a segmentation fault
+    instead of raising. Naming the libstdc++.so.6 that this process has loaded ahead of
+    the driver's own -lstdc++ makes the linker take every libstdc++ symbol from it."""
+    probe = subprocess.run([linker, "-print-file-name=libstdc++.so"], capture_output=True,
+                           text=True)
+    found = probe.stdout.strip()
+    if probe.returncode != 0 or (os.path.isabs(found) and os.path.exists(found)):
+        return []  # links the shared libstdc++ itself (or is no GCC-style driver)
+    shared = loaded_libstdcxx()
+    if shared is None:
+        raise RuntimeError(
+            f"{linker} has no shared libstdc++ and none is loaded beside torch: the extension "
+            "would carry a static copy whose error messages crash the process. Build with "
+            "a compiler that links libstdc++ dynamically, e.g. CC=/usr/bin/gcc "
+            "CXX=/usr/bin/g++.")
+    print(f"tdpo_ext: {linker} has no shared libstdc++; linking {shared} instead of a "
+          "static copy")
+    return [shared]
+
+
 class BuildExtension(cpp_extension.BuildExtension):
     """torch's BuildExtension, plus the per-capability copies of the CPU kernels: the
     same source compiled with each capability's macros and -m flags into its own
-    object folder, linked into the one extension."""
+    object folder, linked into the one extension; and a link against the shared
+    libstdc++ whatever the toolchain (shared_libstdcxx_link_args)."""
 
     def build_extension(self, ext):
+        # distutils links C++ with the C++ compiler's driver (CXX) in the linker's place.
+        linker = (getattr(self.compiler, "compiler_cxx", None) or self.compiler.linker_so)[0]
+        ext.extra_link_args = list(ext.extra_link_args or []) + \
+            shared_libstdcxx_link_args(linker)
         cxx_flags = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) \
             else ext.extra_compile_args
         for cap, march in CPU_CAPABILITIES.items():

@@ -1,6 +1,7 @@
 #include "checks.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 namespace tdpo_ext {
@@ -45,6 +46,8 @@ int64_t check_token_stats_inputs(const at::Tensor& policy_logits, const at::Tens
   return policy_logits.size(2);
 }
 
+namespace {
+
 void check_pair_inputs(const at::Tensor& chosen_logps_margin,
                        const at::Tensor& rejected_logps_margin, const at::Tensor& chosen_kl,
                        const at::Tensor& rejected_kl, double beta) {
@@ -65,6 +68,16 @@ void check_pair_inputs(const at::Tensor& chosen_logps_margin,
                 t.device(), " but chosen_logps_margin is on ", chosen_logps_margin.device());
   }
 }
+
+Variant parse_variant(std::string_view variant) {
+  if (variant == "tdpo1") return Variant::TDPO1;
+  if (variant == "tdpo2") return Variant::TDPO2;
+  if (variant == "dpo") return Variant::DPO;
+  TORCH_CHECK(false, "tdpo_ext: unknown variant '", std::string(variant),
+              "'; expected 'tdpo1', 'tdpo2' or 'dpo'");
+}
+
+}  // namespace
 
 void check_token_stats_backward_inputs(const at::Tensor& grad_logp_pol,
                                        const at::Tensor& grad_token_kl,
@@ -89,13 +102,16 @@ void check_grad_losses(const at::Tensor& grad_losses, const at::Tensor& chosen_l
               grad_losses.device());
 }
 
-Variant parse_variant(std::string_view variant) {
-  if (variant == "tdpo1") return Variant::TDPO1;
-  if (variant == "tdpo2") return Variant::TDPO2;
-  if (variant == "dpo") return Variant::DPO;
-  TORCH_CHECK(false, "tdpo_ext: unknown variant '", std::string(variant),
-              "'; expected 'tdpo1', 'tdpo2' or 'dpo'");
+PairInputs prepare_pair_inputs(const at::Tensor& chosen_logps_margin,
+                               const at::Tensor& rejected_logps_margin,
+                               const at::Tensor& chosen_kl, const at::Tensor& rejected_kl,
+                               double beta, std::string_view variant) {
+  check_pair_inputs(chosen_logps_margin, rejected_logps_margin, chosen_kl, rejected_kl, beta);
+  return {chosen_logps_margin.contiguous(), rejected_logps_margin.contiguous(),
+          chosen_kl.contiguous(), rejected_kl.contiguous(), parse_variant(variant)};
 }
+
+at::Tensor PairInputs::empty_output() const { return at::empty_like(chosen_margin); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_token_stats(
     const at::Tensor& policy_logits, const at::Tensor& targets) {

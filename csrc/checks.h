@@ -26,12 +26,22 @@ void check_token_stats_backward_inputs(const at::Tensor& grad_logp_pol,
 // grad_losses of preference_loss_backward: one value per pair, on the pairs' device.
 void check_grad_losses(const at::Tensor& grad_losses, const at::Tensor& chosen_logps_margin);
 
-// The four per-row tensors of the pairwise loss: float32, 1-D, same length and device.
-void check_pair_inputs(const at::Tensor& chosen_logps_margin,
-                       const at::Tensor& rejected_logps_margin, const at::Tensor& chosen_kl,
-                       const at::Tensor& rejected_kl, double beta);
+// The pairwise loss's inputs as both devices' implementations start from them: the four
+// per-row tensors checked (float32, 1-D, same length and device; beta > 0) and made
+// contiguous, and the variant parsed.
+struct PairInputs {
+  at::Tensor chosen_margin, rejected_margin, chosen_kl, rejected_kl;
+  Variant variant;
 
-Variant parse_variant(std::string_view variant);
+  int64_t pairs() const { return chosen_margin.size(0); }
+  // A (B,) float32 output on the pairs' device.
+  at::Tensor empty_output() const;
+};
+
+PairInputs prepare_pair_inputs(const at::Tensor& chosen_logps_margin,
+                               const at::Tensor& rejected_logps_margin,
+                               const at::Tensor& chosen_kl, const at::Tensor& rejected_kl,
+                               double beta, std::string_view variant);
 
 // The five (N, T) float32 outputs of token_stats (logp_pol, logp_ref, token_kl, lse_pol,
 // lse_ref), allocated on the logits' device for either implementation to fill.

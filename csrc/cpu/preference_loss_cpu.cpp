@@ -1,10 +1,9 @@
 // CPU implementations of the pairwise preference loss and its backward. One value per
 // pair, so a plain loop over the shared formulas of tdpo_math.h is all there is.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include <string>
+#include <string_view>
 #include <tuple>
 
 #include "../checks.h"
@@ -16,17 +15,16 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> preference_loss_cpu(
     const at::Tensor& chosen_logps_margin, const at::Tensor& rejected_logps_margin,
     const at::Tensor& chosen_kl, const at::Tensor& rejected_kl, double beta, double alpha,
-    std::string_view variant_name) {
-  check_pair_inputs(chosen_logps_margin, rejected_logps_margin, chosen_kl, rejected_kl, beta);
-  const Variant variant = parse_variant(variant_name);
-  const at::Tensor mc = chosen_logps_margin.contiguous(), mr = rejected_logps_margin.contiguous(),
-                   kc = chosen_kl.contiguous(), kr = rejected_kl.contiguous();
-  at::Tensor losses = at::empty_like(mc), chosen_rewards = at::empty_like(mc),
-             rejected_rewards = at::empty_like(mc);
-  for (int64_t i = 0; i < mc.size(0); ++i) {
-    const PairLoss out = pair_loss(mc.data_ptr<float>()[i], mr.data_ptr<float>()[i],
-                                   kc.data_ptr<float>()[i], kr.data_ptr<float>()[i],
-                                   static_cast<float>(beta), static_cast<float>(alpha), variant);
+    std::string_view variant) {
+  const PairInputs in = prepare_pair_inputs(chosen_logps_margin, rejected_logps_margin,
+                                            chosen_kl, rejected_kl, beta, variant);
+  at::Tensor losses = in.empty_output(), chosen_rewards = in.empty_output(),
+             rejected_rewards = in.empty_output();
+  const float *mc = in.chosen_margin.data_ptr<float>(), *mr = in.rejected_margin.data_ptr<float>(),
+              *kc = in.chosen_kl.data_ptr<float>(), *kr = in.rejected_kl.data_ptr<float>();
+  for (int64_t i = 0; i < in.pairs(); ++i) {
+    const PairLoss out = pair_loss(mc[i], mr[i], kc[i], kr[i], static_cast<float>(beta),
+                                   static_cast<float>(alpha), in.variant);
     losses.data_ptr<float>()[i] = out.loss;
     chosen_rewards.data_ptr<float>()[i] = out.chosen_reward;
     rejected_rewards.data_ptr<float>()[i] = out.rejected_reward;
@@ -37,20 +35,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> preference_loss_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_backward_cpu(
     const at::Tensor& grad_losses, const at::Tensor& chosen_logps_margin,
     const at::Tensor& rejected_logps_margin, const at::Tensor& chosen_kl,
-    const at::Tensor& rejected_kl, double beta, double alpha, std::string_view variant_name) {
-  check_pair_inputs(chosen_logps_margin, rejected_logps_margin, chosen_kl, rejected_kl, beta);
+    const at::Tensor& rejected_kl, double beta, double alpha, std::string_view variant) {
+  const PairInputs in = prepare_pair_inputs(chosen_logps_margin, rejected_logps_margin,
+                                            chosen_kl, rejected_kl, beta, variant);
   check_grad_losses(grad_losses, chosen_logps_margin);
-  const Variant variant = parse_variant(variant_name);
   const at::Tensor g = grad_losses.to(at::kFloat).contiguous();
-  const at::Tensor mc = chosen_logps_margin.contiguous(), mr = rejected_logps_margin.contiguous(),
-                   kc = chosen_kl.contiguous(), kr = rejected_kl.contiguous();
-  at::Tensor d_mc = at::empty_like(mc), d_mr = at::empty_like(mc), d_kc = at::empty_like(mc),
-             d_kr = at::empty_like(mc);
-  for (int64_t i = 0; i < mc.size(0); ++i) {
-    const PairLossGrad d = pair_loss_grad(
-        g.data_ptr<float>()[i], mc.data_ptr<float>()[i], mr.data_ptr<float>()[i],
-        kc.data_ptr<float>()[i], kr.data_ptr<float>()[i], static_cast<float>(beta),
-        static_cast<float>(alpha), variant);
+  at::Tensor d_mc = in.empty_output(), d_mr = in.empty_output(), d_kc = in.empty_output(),
+             d_kr = in.empty_output();
+  const float *mc = in.chosen_margin.data_ptr<float>(), *mr = in.rejected_margin.data_ptr<float>(),
+              *kc = in.chosen_kl.data_ptr<float>(), *kr = in.rejected_kl.data_ptr<float>();
+  for (int64_t i = 0; i < in.pairs(); ++i) {
+    const PairLossGrad d = pair_loss_grad(g.data_ptr<float>()[i], mc[i], mr[i], kc[i], kr[i],
+                                          static_cast<float>(beta), static_cast<float>(alpha),
+                                          in.variant);
     d_mc.data_ptr<float>()[i] = d.chosen_margin;
     d_mr.data_ptr<float>()[i] = d.rejected_margin;
     d_kc.data_ptr<float>()[i] = d.chosen_kl;

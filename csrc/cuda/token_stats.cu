@@ -1,12 +1,13 @@
-// CUDA implementations of tdpo_ext::token_stats and token_stats_backward, with the
-// semantics of the CPU kernels (csrc/cpu/token_stats_kernel.cpp): float32 math whatever
-// the logits dtypes, outputs 0 on masked tokens, the gradient contiguous in the policy
-// dtype with zeros on masked tokens.
+// CUDA kernels of tdpo_ext::token_stats and token_stats_backward and their launchers
+// (launch.h), with the semantics of the CPU kernels (csrc/cpu/token_stats_kernel.cpp):
+// float32 math whatever the logits dtypes, outputs 0 on masked tokens, the gradient
+// contiguous in the policy dtype with zeros on masked tokens. The ops themselves (checks,
+// allocation, errors) are in ops_cuda.cpp.
 //
 // Label validation cost. A label outside [0, V) that is not ignore_index raises the
 // CPU op's error (fail_bad_label), not a device-side assert. The forward kernel records
-// the first such row (atomicMin on one device int64) and the host reads it back once per
-// token_stats call: one 8-byte device-to-host copy and a synchronization of the current
+// the first such row (atomicMin on one device int64) and ops_cuda.cpp reads it back once
+// per token_stats call: one 8-byte device-to-host copy and a synchronization of the current
 // stream. That wait, not the copy, is the cost: the host blocks until every kernel queued
 // before it on the stream has run, so Python can no longer queue work ahead of the GPU
 // across this op, and the op cannot be captured in a CUDA graph. token_stats_backward
@@ -33,18 +34,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <cstdint>
-#include <tuple>
 
-#include "../checks.h"
 #include "../dispatch.h"
 #include "../tdpo_math.h"
+#include "launch.h"
 
 namespace tdpo_ext::cuda {
 namespace {
@@ -371,7 +366,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 // ---------------------------------------------------------------------------------
-// Host side
+// Launchers (launch.h): the op implementations in ops_cuda.cpp check, allocate and raise.
 
 bool warp_per_row(int64_t vocab) { return vocab <= kWarpRowMaxVocab; }
 
@@ -380,23 +375,17 @@ unsigned int blocks_for(int64_t rows, int64_t vocab) {
   return static_cast<unsigned int>((rows + rows_per_block - 1) / rows_per_block);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_stats_cuda(
-    const at::Tensor& policy_logits_in, const at::Tensor& ref_logits_in,
-    const at::Tensor& targets, int64_t ignore_index) {
-  const int64_t vocab = check_token_stats_inputs(policy_logits_in, ref_logits_in, targets);
-  const c10::cuda::CUDAGuard guard(policy_logits_in.device());
-  const at::Tensor policy_logits = with_unit_vocab_stride(policy_logits_in);
-  const at::Tensor ref_logits = with_unit_vocab_stride(ref_logits_in);
-  at::Tensor logp_pol, logp_ref, token_kl, lse_pol, lse_ref;
-  std::tie(logp_pol, logp_ref, token_kl, lse_pol, lse_ref) =
-      empty_token_stats(policy_logits, targets);
-  const RowLayout layout = make_layout(policy_logits, ref_logits, targets);
-  if (layout.rows == 0) return {logp_pol, logp_ref, token_kl, lse_pol, lse_ref};
+}  // namespace
 
-  at::Tensor first_bad_row = at::full({1}, -1, targets.options());
+cudaError_t launch_token_stats(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
+                               const at::Tensor& targets, int64_t ignore_index,
+                               const at::Tensor& logp_pol, const at::Tensor& logp_ref,
+                               const at::Tensor& token_kl, const at::Tensor& lse_pol,
+                               const at::Tensor& lse_ref, const at::Tensor& first_bad_row) {
+  const RowLayout layout = make_layout(policy_logits, ref_logits, targets);
   auto* first_bad = reinterpret_cast<unsigned long long*>(first_bad_row.data_ptr<int64_t>());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const unsigned int blocks = blocks_for(layout.rows, vocab);
+  const unsigned int blocks = blocks_for(layout.rows, layout.vocab);
   TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
                             "tdpo_ext::token_stats", [&] {
     const auto launch = [&](auto kernel) {
@@ -405,69 +394,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_sta
           targets.data_ptr<int64_t>(), layout, ignore_index, logp_pol.data_ptr<float>(),
           logp_ref.data_ptr<float>(), token_kl.data_ptr<float>(), lse_pol.data_ptr<float>(),
           lse_ref.data_ptr<float>(), first_bad);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (warp_per_row(vocab)) {
+    if (warp_per_row(layout.vocab)) {
       launch(token_stats_kernel<policy_t, ref_t, kWarp>);
     } else {
       launch(token_stats_kernel<policy_t, ref_t, kBlockThreads>);
     }
   });
-
-  // The one device-to-host read and stream synchronization per call (see the top).
-  const int64_t bad_row = first_bad_row.item<int64_t>();
-  if (bad_row >= 0) {
-    const int64_t n = bad_row / layout.seq_len, t = bad_row % layout.seq_len;
-    fail_bad_label(n, t, targets.select(0, n).select(0, t).item<int64_t>(), vocab,
-                   ignore_index);
-  }
-  return {logp_pol, logp_ref, token_kl, lse_pol, lse_ref};
+  return cudaGetLastError();
 }
 
-at::Tensor token_stats_backward_cuda(const at::Tensor& grad_logp_pol,
-                                     const at::Tensor& grad_token_kl,
-                                     const at::Tensor& policy_logits_in,
-                                     const at::Tensor& ref_logits_in, const at::Tensor& targets,
-                                     const at::Tensor& lse_pol, const at::Tensor& lse_ref,
-                                     int64_t ignore_index) {
-  const int64_t vocab = check_token_stats_inputs(policy_logits_in, ref_logits_in, targets);
-  check_token_stats_backward_inputs(grad_logp_pol, grad_token_kl, lse_pol, lse_ref, targets);
-  const c10::cuda::CUDAGuard guard(policy_logits_in.device());
-  const at::Tensor policy_logits = with_unit_vocab_stride(policy_logits_in);
-  const at::Tensor ref_logits = with_unit_vocab_stride(ref_logits_in);
-  // Upstream gradients may arrive expanded or strided; the kernel reads them densely.
-  const at::Tensor g_logp = grad_logp_pol.to(at::kFloat).contiguous();
-  const at::Tensor g_kl = grad_token_kl.to(at::kFloat).contiguous();
-  const at::Tensor lse_pol_dense = lse_pol.contiguous(), lse_ref_dense = lse_ref.contiguous();
-  at::Tensor grad = at::empty(policy_logits.sizes(), policy_logits.options());
+cudaError_t launch_token_stats_backward(const at::Tensor& grad_logp_pol,
+                                        const at::Tensor& grad_token_kl,
+                                        const at::Tensor& policy_logits,
+                                        const at::Tensor& ref_logits, const at::Tensor& targets,
+                                        const at::Tensor& lse_pol, const at::Tensor& lse_ref,
+                                        int64_t ignore_index, const at::Tensor& grad) {
   const RowLayout layout = make_layout(policy_logits, ref_logits, targets);
-  if (layout.rows == 0) return grad;
-
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const unsigned int blocks = blocks_for(layout.rows, vocab);
+  const unsigned int blocks = blocks_for(layout.rows, layout.vocab);
   TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
                             "tdpo_ext::token_stats_backward", [&] {
     const auto launch = [&](auto kernel) {
       kernel<<<blocks, kBlockThreads, 0, stream>>>(
-          g_logp.data_ptr<float>(), g_kl.data_ptr<float>(), policy_logits.data_ptr<policy_t>(),
-          ref_logits.data_ptr<ref_t>(), targets.data_ptr<int64_t>(), lse_pol_dense.data_ptr<float>(),
-          lse_ref_dense.data_ptr<float>(), layout, ignore_index, grad.data_ptr<policy_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          grad_logp_pol.data_ptr<float>(), grad_token_kl.data_ptr<float>(),
+          policy_logits.data_ptr<policy_t>(), ref_logits.data_ptr<ref_t>(),
+          targets.data_ptr<int64_t>(), lse_pol.data_ptr<float>(), lse_ref.data_ptr<float>(),
+          layout, ignore_index, grad.data_ptr<policy_t>());
     };
-    if (warp_per_row(vocab)) {
+    if (warp_per_row(layout.vocab)) {
       launch(token_stats_backward_kernel<policy_t, ref_t, kWarp>);
     } else {
       launch(token_stats_backward_kernel<policy_t, ref_t, kBlockThreads>);
     }
   });
-  return grad;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(tdpo_ext, CUDA, m) {
-  m.impl("token_stats", &token_stats_cuda);
-  m.impl("token_stats_backward", &token_stats_backward_cuda);
+  return cudaGetLastError();
 }
 
 }  // namespace tdpo_ext::cuda

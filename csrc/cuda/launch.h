@@ -1,0 +1,57 @@
+// The CUDA kernels' launchers (csrc/cuda/*.cu), called by the op implementations of
+// csrc/cuda/ops_cuda.cpp.
+//
+// Every check, allocation and error of the CUDA ops lives in ops_cuda.cpp, compiled by
+// the host C++ compiler as the CPU ops are, beside the same shared checks (checks.h); the
+// .cu files hold the device code and launchers that only queue kernels on the current
+// stream and return the launch's status, which the caller checks.
+//
+// Each launcher expects validated inputs, allocated outputs, a current device set by the
+// caller's guard, and at least one row or pair of work.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <cuda_runtime_api.h>
+
+#include "../tdpo_math.h"
+
+namespace tdpo_ext::cuda {
+
+// token_stats: fills the five (N, T) float32 outputs; first_bad_row (one int64 holding
+// -1) receives the smallest row index n * T + t whose label is outside [0, V) and is not
+// ignore_index.
+cudaError_t launch_token_stats(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
+                               const at::Tensor& targets, int64_t ignore_index,
+                               const at::Tensor& logp_pol, const at::Tensor& logp_ref,
+                               const at::Tensor& token_kl, const at::Tensor& lse_pol,
+                               const at::Tensor& lse_ref, const at::Tensor& first_bad_row);
+
+// token_stats_backward: writes grad (policy_logits' shape and dtype, contiguous) from
+// dense float32 (N, T) upstream gradients and saved logsumexps.
+cudaError_t launch_token_stats_backward(const at::Tensor& grad_logp_pol,
+                                        const at::Tensor& grad_token_kl,
+                                        const at::Tensor& policy_logits,
+                                        const at::Tensor& ref_logits, const at::Tensor& targets,
+                                        const at::Tensor& lse_pol, const at::Tensor& lse_ref,
+                                        int64_t ignore_index, const at::Tensor& grad);
+
+// The pairwise loss over B pairs of contiguous float32 (B,) tensors.
+struct PairArgs {
+  const float* chosen_margin;
+  const float* rejected_margin;
+  const float* chosen_kl;
+  const float* rejected_kl;
+  int64_t pairs;
+  float beta;
+  float alpha;
+  Variant variant;
+};
+
+cudaError_t launch_preference_loss(const PairArgs& in, float* losses, float* chosen_rewards,
+                                   float* rejected_rewards);
+
+cudaError_t launch_preference_loss_backward(const PairArgs& in, const float* grad_losses,
+                                            float* d_chosen_margin, float* d_rejected_margin,
+                                            float* d_chosen_kl, float* d_rejected_kl);
+
+}  // namespace tdpo_ext::cuda

@@ -1,0 +1,117 @@
+// The CUDA implementations of the four tdpo_ext ops: validation, device guard, output
+// allocation and errors here, compiled by the host C++ compiler; the kernels and their
+// launchers are in token_stats.cu and preference_loss.cu (launch.h says why the split).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <string_view>
+#include <tuple>
+
+#include "../checks.h"
+#include "launch.h"
+
+namespace tdpo_ext::cuda {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_stats_cuda(
+    const at::Tensor& policy_logits_in, const at::Tensor& ref_logits_in,
+    const at::Tensor& targets, int64_t ignore_index) {
+  const int64_t vocab = check_token_stats_inputs(policy_logits_in, ref_logits_in, targets);
+  const c10::cuda::CUDAGuard guard(policy_logits_in.device());
+  const at::Tensor policy_logits = with_unit_vocab_stride(policy_logits_in);
+  const at::Tensor ref_logits = with_unit_vocab_stride(ref_logits_in);
+  at::Tensor logp_pol, logp_ref, token_kl, lse_pol, lse_ref;
+  std::tie(logp_pol, logp_ref, token_kl, lse_pol, lse_ref) =
+      empty_token_stats(policy_logits, targets);
+  if (targets.numel() == 0) return {logp_pol, logp_ref, token_kl, lse_pol, lse_ref};
+
+  const at::Tensor first_bad_row = at::full({1}, -1, targets.options());
+  C10_CUDA_CHECK(launch_token_stats(policy_logits, ref_logits, targets, ignore_index, logp_pol,
+                                    logp_ref, token_kl, lse_pol, lse_ref, first_bad_row));
+  // The one device-to-host read and stream synchronization per call (token_stats.cu says
+  // what it costs).
+  const int64_t bad_row = first_bad_row.item<int64_t>();
+  if (bad_row >= 0) {
+    const int64_t n = bad_row / targets.size(1), t = bad_row % targets.size(1);
+    fail_bad_label(n, t, targets.select(0, n).select(0, t).item<int64_t>(), vocab,
+                   ignore_index);
+  }
+  return {logp_pol, logp_ref, token_kl, lse_pol, lse_ref};
+}
+
+at::Tensor token_stats_backward_cuda(const at::Tensor& grad_logp_pol,
+                                     const at::Tensor& grad_token_kl,
+                                     const at::Tensor& policy_logits_in,
+                                     const at::Tensor& ref_logits_in, const at::Tensor& targets,
+                                     const at::Tensor& lse_pol, const at::Tensor& lse_ref,
+                                     int64_t ignore_index) {
+  check_token_stats_inputs(policy_logits_in, ref_logits_in, targets);
+  check_token_stats_backward_inputs(grad_logp_pol, grad_token_kl, lse_pol, lse_ref, targets);
+  const c10::cuda::CUDAGuard guard(policy_logits_in.device());
+  const at::Tensor policy_logits = with_unit_vocab_stride(policy_logits_in);
+  const at::Tensor ref_logits = with_unit_vocab_stride(ref_logits_in);
+  at::Tensor grad = at::empty(policy_logits.sizes(), policy_logits.options());
+  if (targets.numel() == 0) return grad;
+  // Upstream gradients may arrive expanded or strided; the kernel reads them densely.
+  C10_CUDA_CHECK(launch_token_stats_backward(
+      grad_logp_pol.to(at::kFloat).contiguous(), grad_token_kl.to(at::kFloat).contiguous(),
+      policy_logits, ref_logits, targets, lse_pol.contiguous(), lse_ref.contiguous(),
+      ignore_index, grad));
+  return grad;
+}
+
+PairArgs pair_args(const PairInputs& in, double beta, double alpha) {
+  return {in.chosen_margin.data_ptr<float>(), in.rejected_margin.data_ptr<float>(),
+          in.chosen_kl.data_ptr<float>(),     in.rejected_kl.data_ptr<float>(),
+          in.pairs(),                         static_cast<float>(beta),
+          static_cast<float>(alpha),          in.variant};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> preference_loss_cuda(
+    const at::Tensor& chosen_logps_margin, const at::Tensor& rejected_logps_margin,
+    const at::Tensor& chosen_kl, const at::Tensor& rejected_kl, double beta, double alpha,
+    std::string_view variant) {
+  const PairInputs in = prepare_pair_inputs(chosen_logps_margin, rejected_logps_margin,
+                                            chosen_kl, rejected_kl, beta, variant);
+  const c10::cuda::CUDAGuard guard(chosen_logps_margin.device());
+  at::Tensor losses = in.empty_output(), chosen_rewards = in.empty_output(),
+             rejected_rewards = in.empty_output();
+  if (in.pairs() == 0) return {losses, chosen_rewards, rejected_rewards};
+  C10_CUDA_CHECK(launch_preference_loss(pair_args(in, beta, alpha), losses.data_ptr<float>(),
+                                        chosen_rewards.data_ptr<float>(),
+                                        rejected_rewards.data_ptr<float>()));
+  return {losses, chosen_rewards, rejected_rewards};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_backward_cuda(
+    const at::Tensor& grad_losses, const at::Tensor& chosen_logps_margin,
+    const at::Tensor& rejected_logps_margin, const at::Tensor& chosen_kl,
+    const at::Tensor& rejected_kl, double beta, double alpha, std::string_view variant) {
+  const PairInputs in = prepare_pair_inputs(chosen_logps_margin, rejected_logps_margin,
+                                            chosen_kl, rejected_kl, beta, variant);
+  check_grad_losses(grad_losses, chosen_logps_margin);
+  const c10::cuda::CUDAGuard guard(chosen_logps_margin.device());
+  const at::Tensor g = grad_losses.to(at::kFloat).contiguous();
+  at::Tensor d_mc = in.empty_output(), d_mr = in.empty_output(), d_kc = in.empty_output(),
+             d_kr = in.empty_output();
+  if (in.pairs() == 0) return {d_mc, d_mr, d_kc, d_kr};
+  C10_CUDA_CHECK(launch_preference_loss_backward(
+      pair_args(in, beta, alpha), g.data_ptr<float>(), d_mc.data_ptr<float>(),
+      d_mr.data_ptr<float>(), d_kc.data_ptr<float>(), d_kr.data_ptr<float>()));
+  return {d_mc, d_mr, d_kc, d_kr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tdpo_ext, CUDA, m) {
+  m.impl("token_stats", &token_stats_cuda);
+  m.impl("token_stats_backward", &token_stats_backward_cuda);
+  m.impl("preference_loss", &preference_loss_cuda);
+  m.impl("preference_loss_backward", &preference_loss_backward_cuda);
+}
+
+}  // namespace tdpo_ext::cuda
