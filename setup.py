@@ -88,41 +88,13 @@ def nvidia_wheel_includes():
     return [d for d in dict.fromkeys(found) if os.path.isdir(d)]
 
 
-def make_extension():
-    with_cuda, why = want_cuda()
-    print(f"tdpo_ext: building {'with' if with_cuda else 'without'} CUDA ({why})")
-    # Imported after CUDA_HOME is settled: cpp_extension reads it at import time.
-    from torch.utils import cpp_extension
-
-    sources = ["csrc/torch_bindings.cpp", "csrc/python_module.cpp", "csrc/checks.cpp",
-               "csrc/cpu/token_stats_cpu.cpp", "csrc/cpu/preference_loss_cpu.cpp"]
-    cxx_flags = ["-O3", "-std=c++20"]
-    macros = [(f"TDPO_HAVE_{cap}", None) for cap in CPU_CAPABILITIES if cap != "DEFAULT"]
-    include_dirs = [os.path.join(ROOT, "csrc")]
-    if not with_cuda:
-        return cpp_extension.CppExtension(
-            "tdpo_ext._C", sources, include_dirs=include_dirs, define_macros=macros,
-            extra_compile_args={"cxx": cxx_flags}), cpp_extension
-
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    # The .cpp files there hold the ops (host compiler), the .cu files the kernels.
-    sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
-    nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
-    return cpp_extension.CUDAExtension(
-        "tdpo_ext._C", sources, include_dirs=include_dirs + nvidia_wheel_includes(),
-        define_macros=macros + [("TDPO_WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}), cpp_extension
-
-
-extension, cpp_extension = make_extension()
-
-
-def loaded_libstdcxx():
-    """The libstdc++.so.6 that this process (torch's libraries) has loaded, or None."""
+def loaded_library(name):
+    """The path of the shared library `name` (e.g. "libstdc++.so") that this process
+    has loaded with torch, or None."""
     with open("/proc/self/maps") as maps:
         for line in maps:
             path = line.split()[-1]
-            if os.path.basename(path).startswith("libstdc++.so"):
+            if os.path.basename(path).startswith(name):
                 return path
     return None
 
@@ -141,7 +113,7 @@ def shared_libstdcxx_link_args(linker):
     found = probe.stdout.strip()
     if probe.returncode != 0 or (os.path.isabs(found) and os.path.exists(found)):
         return []  # links the shared libstdc++ itself (or is no GCC-style driver)
-    shared = loaded_libstdcxx()
+    shared = loaded_library("libstdc++.so")
     if shared is None:
         raise RuntimeError(
             f"{linker} has no shared libstdc++ and none is loaded beside torch: the extension "
@@ -151,6 +123,41 @@ def shared_libstdcxx_link_args(linker):
     print(f"tdpo_ext: {linker} has no shared libstdc++; linking {shared} instead of a "
           "static copy")
     return [shared]
+
+
+def make_extension():
+    with_cuda, why = want_cuda()
+    print(f"tdpo_ext: building {'with' if with_cuda else 'without'} CUDA ({why})")
+    # Imported after CUDA_HOME is settled: cpp_extension reads it at import time.
+    from torch.utils import cpp_extension
+
+    sources = ["csrc/torch_bindings.cpp", "csrc/python_module.cpp", "csrc/checks.cpp",
+               "csrc/cpu/token_stats_cpu.cpp", "csrc/cpu/preference_loss_cpu.cpp"]
+    # -fopenmp: torch's at::parallel_for is an inline OpenMP pragma (the kernels refuse
+    # to compile without it). Its runtime must be torch's own libgomp, one thread pool
+    # in the process: link the one torch has loaded rather than the compiler's.
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    libgomp = loaded_library("libgomp")
+    link_flags = [libgomp] if libgomp else ["-fopenmp"]
+    macros = [(f"TDPO_HAVE_{cap}", None) for cap in CPU_CAPABILITIES if cap != "DEFAULT"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not with_cuda:
+        return cpp_extension.CppExtension(
+            "tdpo_ext._C", sources, include_dirs=include_dirs, define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags), cpp_extension
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    # The .cpp files there hold the ops (host compiler), the .cu files the kernels.
+    sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
+    nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+    return cpp_extension.CUDAExtension(
+        "tdpo_ext._C", sources, include_dirs=include_dirs + nvidia_wheel_includes(),
+        define_macros=macros + [("TDPO_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags), cpp_extension
+
+
+extension, cpp_extension = make_extension()
 
 
 class BuildExtension(cpp_extension.BuildExtension):
