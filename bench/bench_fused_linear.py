@@ -15,8 +15,10 @@ LM-head weights + fused_linear_tdpo_loss (what `tdpo-train --fused-linear` does)
     python bench/bench_fused_linear.py --train-step             # SmolLM2 training step
     python bench/bench_fused_linear.py --all --out bench/RESULTS.md
 
-Time: each method in turn within one process, rotated each repetition (interleaved), the
-median per method and the median of the per-repetition ratios to the materialized path.
+Time: each method in turn within one process (materialized and fused alternating which goes
+first, the reference pattern last: see op_order), every call after freeing what the last one
+left (settle); the median per method and the median of the per-repetition ratios to the
+materialized path.
 Peak memory beyond inputs and gradients: on CPU, each method in a fresh process: one
 warm-up call, then the peak resident set (VmHWM, reset through /proc/self/clear_refs)
 above the resident set before the measured call, minus the gradients it creates. Twice:
@@ -28,6 +30,7 @@ torch.cuda.max_memory_allocated above the allocation before the call.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import gc
 import json
@@ -82,6 +85,30 @@ def make_op_inputs(n, t, h, vocab, dtype, device, prompt_frac, seed=0):
     return hidden, weight, ref_hidden, ref_weight, labels
 
 
+def settle(device):
+    """Frees what the previous call left (on CPU, back to the system: malloc_trim), so
+    that every timed call starts from the same allocator state and pays for its own
+    fresh memory."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def op_order(methods, rep):
+    """The order of one repetition: materialized and fused alternate which goes first,
+    and the reference pattern, whose GiBs of float32 copies disturb whatever follows
+    (page faults, the allocator's state), always goes last. A plain rotation of three
+    would always put fused right after it."""
+    pair = [m for m in methods if m != "reference"]
+    pair = pair if rep % 2 == 0 else pair[::-1]
+    return pair + [m for m in methods if m == "reference"]
+
+
 def op_step(method, hidden, weight, ref_hidden, ref_weight, labels):
     """Forward + backward; returns the loss."""
     if method == "fused":
@@ -123,12 +150,9 @@ def bench_op(args, dims, dtype_name, prompt_frac) -> dict:
     times = {m: [] for m in methods}
     losses, failed = {}, {}
     for rep in range(args.reps + 1):  # the first round warms up and is not counted
-        order = methods[rep % len(methods):] + methods[:rep % len(methods)]
-        for m in (m for m in order if m not in failed):
+        for m in (m for m in op_order(methods, rep) if m not in failed):
             hidden.grad = weight.grad = None
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            settle(device)
             start = time.perf_counter()
             try:
                 losses[m] = op_step(m, *inputs)
@@ -322,7 +346,8 @@ def report(op_results, step_result, args) -> str:
                                                       "peak extra live (MiB)"]
         lines += ["### Forward + backward from hidden states", "",
                   "TDPO2, beta 0.1; the first `prompt` fraction of each row is masked. Time: "
-                  f"median of {args.reps} interleaved repetitions after a warm-up round; "
+                  f"median of {args.reps} repetitions after a warm-up round (materialized and fused "
+                  "alternating which goes first, reference last); "
                   "ratio: median of the per-repetition ratios to the materialized path. "
                   "Peak extra: beyond inputs and gradients (see the script's docstring for "
                   "RSS vs live); one logits tensor is N*T*V*4 bytes in float32.", "",
