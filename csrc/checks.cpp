@@ -79,10 +79,11 @@ Variant parse_variant(std::string_view variant) {
 
 }  // namespace
 
-void check_token_stats_backward_inputs(const at::Tensor& grad_logp_pol,
-                                       const at::Tensor& grad_token_kl,
-                                       const at::Tensor& lse_pol, const at::Tensor& lse_ref,
-                                       const at::Tensor& targets) {
+TokenStatsBackwardInputs prepare_token_stats_backward_inputs(
+    const at::Tensor& grad_logp_pol, const at::Tensor& grad_token_kl,
+    const at::Tensor& policy_logits, const at::Tensor& ref_logits, const at::Tensor& targets,
+    const at::Tensor& lse_pol, const at::Tensor& lse_ref) {
+  check_token_stats_inputs(policy_logits, ref_logits, targets);
   const at::Tensor* tensors[] = {&grad_logp_pol, &grad_token_kl, &lse_pol, &lse_ref};
   const char* names[] = {"grad_logp_pol", "grad_token_kl", "lse_pol", "lse_ref"};
   for (int i = 0; i < 4; ++i) {
@@ -92,14 +93,13 @@ void check_token_stats_backward_inputs(const at::Tensor& grad_logp_pol,
     TORCH_CHECK(t.device() == targets.device(), "tdpo_ext: ", names[i], " is on ", t.device(),
                 " but labels are on ", targets.device());
   }
+  return {grad_logp_pol.to(at::kFloat).contiguous(), grad_token_kl.to(at::kFloat).contiguous(),
+          with_unit_vocab_stride(policy_logits), with_unit_vocab_stride(ref_logits),
+          lse_pol.contiguous(), lse_ref.contiguous()};
 }
 
-void check_grad_losses(const at::Tensor& grad_losses, const at::Tensor& chosen_logps_margin) {
-  TORCH_CHECK(grad_losses.numel() == chosen_logps_margin.size(0) &&
-                  grad_losses.device() == chosen_logps_margin.device(),
-              "tdpo_ext: grad_losses must hold one value per pair (", chosen_logps_margin.size(0),
-              ") on ", chosen_logps_margin.device(), ", got shape ", grad_losses.sizes(), " on ",
-              grad_losses.device());
+at::Tensor TokenStatsBackwardInputs::empty_grad() const {
+  return at::empty(policy_logits.sizes(), policy_logits.options());
 }
 
 PairInputs prepare_pair_inputs(const at::Tensor& chosen_logps_margin,
@@ -109,6 +109,23 @@ PairInputs prepare_pair_inputs(const at::Tensor& chosen_logps_margin,
   check_pair_inputs(chosen_logps_margin, rejected_logps_margin, chosen_kl, rejected_kl, beta);
   return {chosen_logps_margin.contiguous(), rejected_logps_margin.contiguous(),
           chosen_kl.contiguous(), rejected_kl.contiguous(), parse_variant(variant)};
+}
+
+PairInputs prepare_pair_backward_inputs(const at::Tensor& grad_losses,
+                                        const at::Tensor& chosen_logps_margin,
+                                        const at::Tensor& rejected_logps_margin,
+                                        const at::Tensor& chosen_kl,
+                                        const at::Tensor& rejected_kl, double beta,
+                                        std::string_view variant) {
+  PairInputs in = prepare_pair_inputs(chosen_logps_margin, rejected_logps_margin, chosen_kl,
+                                      rejected_kl, beta, variant);
+  TORCH_CHECK(grad_losses.numel() == in.pairs() &&
+                  grad_losses.device() == chosen_logps_margin.device(),
+              "tdpo_ext: grad_losses must hold one value per pair (", in.pairs(), ") on ",
+              chosen_logps_margin.device(), ", got shape ", grad_losses.sizes(), " on ",
+              grad_losses.device());
+  in.grad_losses = grad_losses.to(at::kFloat).contiguous();
+  return in;
 }
 
 at::Tensor PairInputs::empty_output() const { return at::empty_like(chosen_margin); }

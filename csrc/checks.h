@@ -16,15 +16,21 @@ namespace tdpo_ext {
 int64_t check_token_stats_inputs(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
                                  const at::Tensor& targets);
 
-// The per-token tensors that token_stats_backward reads densely by row: each must have
-// the (N, T) shape and the device of targets (a short tensor would be read past its end).
-void check_token_stats_backward_inputs(const at::Tensor& grad_logp_pol,
-                                       const at::Tensor& grad_token_kl,
-                                       const at::Tensor& lse_pol, const at::Tensor& lse_ref,
-                                       const at::Tensor& targets);
+// token_stats_backward's inputs as both devices' implementations start from them: all
+// checked (the per-token tensors must have the (N, T) shape and device of targets, or a
+// short one would be read past its end), the logits with a unit vocabulary stride, the
+// per-token tensors dense float32 (upstream gradients may arrive expanded or strided).
+struct TokenStatsBackwardInputs {
+  at::Tensor grad_logp_pol, grad_token_kl, policy_logits, ref_logits, lse_pol, lse_ref;
 
-// grad_losses of preference_loss_backward: one value per pair, on the pairs' device.
-void check_grad_losses(const at::Tensor& grad_losses, const at::Tensor& chosen_logps_margin);
+  // The (N, T, V) gradient to fill: contiguous, in the policy dtype.
+  at::Tensor empty_grad() const;
+};
+
+TokenStatsBackwardInputs prepare_token_stats_backward_inputs(
+    const at::Tensor& grad_logp_pol, const at::Tensor& grad_token_kl,
+    const at::Tensor& policy_logits, const at::Tensor& ref_logits, const at::Tensor& targets,
+    const at::Tensor& lse_pol, const at::Tensor& lse_ref);
 
 // The pairwise loss's inputs as both devices' implementations start from them: the four
 // per-row tensors checked (float32, 1-D, same length and device; beta > 0) and made
@@ -32,6 +38,9 @@ void check_grad_losses(const at::Tensor& grad_losses, const at::Tensor& chosen_l
 struct PairInputs {
   at::Tensor chosen_margin, rejected_margin, chosen_kl, rejected_kl;
   Variant variant;
+  // preference_loss_backward's upstream gradient, one float32 per pair (undefined in the
+  // forward).
+  at::Tensor grad_losses;
 
   int64_t pairs() const { return chosen_margin.size(0); }
   // A (B,) float32 output on the pairs' device.
@@ -42,6 +51,14 @@ PairInputs prepare_pair_inputs(const at::Tensor& chosen_logps_margin,
                                const at::Tensor& rejected_logps_margin,
                                const at::Tensor& chosen_kl, const at::Tensor& rejected_kl,
                                double beta, std::string_view variant);
+
+// The same with grad_losses checked (one value per pair, on the pairs' device) and set.
+PairInputs prepare_pair_backward_inputs(const at::Tensor& grad_losses,
+                                        const at::Tensor& chosen_logps_margin,
+                                        const at::Tensor& rejected_logps_margin,
+                                        const at::Tensor& chosen_kl,
+                                        const at::Tensor& rejected_kl, double beta,
+                                        std::string_view variant);
 
 // The five (N, T) float32 outputs of token_stats (logp_pol, logp_ref, token_kl, lse_pol,
 // lse_ref), allocated on the logits' device for either implementation to fill.

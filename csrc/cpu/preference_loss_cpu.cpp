@@ -36,16 +36,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_backw
     const at::Tensor& grad_losses, const at::Tensor& chosen_logps_margin,
     const at::Tensor& rejected_logps_margin, const at::Tensor& chosen_kl,
     const at::Tensor& rejected_kl, double beta, double alpha, std::string_view variant) {
-  const PairInputs in = prepare_pair_inputs(chosen_logps_margin, rejected_logps_margin,
-                                            chosen_kl, rejected_kl, beta, variant);
-  check_grad_losses(grad_losses, chosen_logps_margin);
-  const at::Tensor g = grad_losses.to(at::kFloat).contiguous();
+  const PairInputs in = prepare_pair_backward_inputs(grad_losses, chosen_logps_margin,
+                                                     rejected_logps_margin, chosen_kl,
+                                                     rejected_kl, beta, variant);
   at::Tensor d_mc = in.empty_output(), d_mr = in.empty_output(), d_kc = in.empty_output(),
              d_kr = in.empty_output();
   const float *mc = in.chosen_margin.data_ptr<float>(), *mr = in.rejected_margin.data_ptr<float>(),
-              *kc = in.chosen_kl.data_ptr<float>(), *kr = in.rejected_kl.data_ptr<float>();
+              *kc = in.chosen_kl.data_ptr<float>(), *kr = in.rejected_kl.data_ptr<float>(),
+              *grad = in.grad_losses.data_ptr<float>();
   for (int64_t i = 0; i < in.pairs(); ++i) {
-    const PairLossGrad d = pair_loss_grad(g.data_ptr<float>()[i], mc[i], mr[i], kc[i], kr[i],
+    const PairLossGrad d = pair_loss_grad(grad[i], mc[i], mr[i], kc[i], kr[i],
                                           static_cast<float>(beta), static_cast<float>(alpha),
                                           in.variant);
     d_mc.data_ptr<float>()[i] = d.chosen_margin;

@@ -56,20 +56,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_sta
 
 at::Tensor token_stats_backward_cpu(const at::Tensor& grad_logp_pol,
                                     const at::Tensor& grad_token_kl,
-                                    const at::Tensor& policy_logits_in,
-                                    const at::Tensor& ref_logits_in, const at::Tensor& targets,
-                                    const at::Tensor& lse_pol, const at::Tensor& lse_ref,
-                                    int64_t ignore_index) {
-  check_token_stats_inputs(policy_logits_in, ref_logits_in, targets);
-  check_token_stats_backward_inputs(grad_logp_pol, grad_token_kl, lse_pol, lse_ref, targets);
-  const at::Tensor policy_logits = with_unit_vocab_stride(policy_logits_in);
-  const at::Tensor ref_logits = with_unit_vocab_stride(ref_logits_in);
-  // Upstream gradients may arrive expanded or strided; the kernel reads them densely.
-  const at::Tensor g_logp = grad_logp_pol.to(at::kFloat).contiguous();
-  const at::Tensor g_kl = grad_token_kl.to(at::kFloat).contiguous();
-  at::Tensor grad = at::empty(policy_logits.sizes(), policy_logits.options());
-  kernels().backward(g_logp, g_kl, policy_logits, ref_logits, targets, lse_pol.contiguous(),
-                     lse_ref.contiguous(), ignore_index, grad);
+                                    const at::Tensor& policy_logits, const at::Tensor& ref_logits,
+                                    const at::Tensor& targets, const at::Tensor& lse_pol,
+                                    const at::Tensor& lse_ref, int64_t ignore_index) {
+  const TokenStatsBackwardInputs in = prepare_token_stats_backward_inputs(
+      grad_logp_pol, grad_token_kl, policy_logits, ref_logits, targets, lse_pol, lse_ref);
+  at::Tensor grad = in.empty_grad();
+  kernels().backward(in.grad_logp_pol, in.grad_token_kl, in.policy_logits, in.ref_logits,
+                     targets, in.lse_pol, in.lse_ref, ignore_index, grad);
   return grad;
 }
 

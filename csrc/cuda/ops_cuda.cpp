@@ -45,22 +45,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_sta
 
 at::Tensor token_stats_backward_cuda(const at::Tensor& grad_logp_pol,
                                      const at::Tensor& grad_token_kl,
-                                     const at::Tensor& policy_logits_in,
-                                     const at::Tensor& ref_logits_in, const at::Tensor& targets,
+                                     const at::Tensor& policy_logits,
+                                     const at::Tensor& ref_logits, const at::Tensor& targets,
                                      const at::Tensor& lse_pol, const at::Tensor& lse_ref,
                                      int64_t ignore_index) {
-  check_token_stats_inputs(policy_logits_in, ref_logits_in, targets);
-  check_token_stats_backward_inputs(grad_logp_pol, grad_token_kl, lse_pol, lse_ref, targets);
-  const c10::cuda::CUDAGuard guard(policy_logits_in.device());
-  const at::Tensor policy_logits = with_unit_vocab_stride(policy_logits_in);
-  const at::Tensor ref_logits = with_unit_vocab_stride(ref_logits_in);
-  at::Tensor grad = at::empty(policy_logits.sizes(), policy_logits.options());
+  const TokenStatsBackwardInputs in = prepare_token_stats_backward_inputs(
+      grad_logp_pol, grad_token_kl, policy_logits, ref_logits, targets, lse_pol, lse_ref);
+  const c10::cuda::CUDAGuard guard(policy_logits.device());
+  at::Tensor grad = in.empty_grad();
   if (targets.numel() == 0) return grad;
-  // Upstream gradients may arrive expanded or strided; the kernel reads them densely.
-  C10_CUDA_CHECK(launch_token_stats_backward(
-      grad_logp_pol.to(at::kFloat).contiguous(), grad_token_kl.to(at::kFloat).contiguous(),
-      policy_logits, ref_logits, targets, lse_pol.contiguous(), lse_ref.contiguous(),
-      ignore_index, grad));
+  C10_CUDA_CHECK(launch_token_stats_backward(in.grad_logp_pol, in.grad_token_kl,
+                                             in.policy_logits, in.ref_logits, targets,
+                                             in.lse_pol, in.lse_ref, ignore_index, grad));
   return grad;
 }
 
@@ -91,16 +87,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_backw
     const at::Tensor& grad_losses, const at::Tensor& chosen_logps_margin,
     const at::Tensor& rejected_logps_margin, const at::Tensor& chosen_kl,
     const at::Tensor& rejected_kl, double beta, double alpha, std::string_view variant) {
-  const PairInputs in = prepare_pair_inputs(chosen_logps_margin, rejected_logps_margin,
-                                            chosen_kl, rejected_kl, beta, variant);
-  check_grad_losses(grad_losses, chosen_logps_margin);
+  const PairInputs in = prepare_pair_backward_inputs(grad_losses, chosen_logps_margin,
+                                                     rejected_logps_margin, chosen_kl,
+                                                     rejected_kl, beta, variant);
   const c10::cuda::CUDAGuard guard(chosen_logps_margin.device());
-  const at::Tensor g = grad_losses.to(at::kFloat).contiguous();
   at::Tensor d_mc = in.empty_output(), d_mr = in.empty_output(), d_kc = in.empty_output(),
              d_kr = in.empty_output();
   if (in.pairs() == 0) return {d_mc, d_mr, d_kc, d_kr};
   C10_CUDA_CHECK(launch_preference_loss_backward(
-      pair_args(in, beta, alpha), g.data_ptr<float>(), d_mc.data_ptr<float>(),
+      pair_args(in, beta, alpha), in.grad_losses.data_ptr<float>(), d_mc.data_ptr<float>(),
       d_mr.data_ptr<float>(), d_kc.data_ptr<float>(), d_kr.data_ptr<float>()));
   return {d_mc, d_mr, d_kc, d_kr};
 }
