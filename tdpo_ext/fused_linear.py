@@ -8,11 +8,14 @@ registered right here), work on the flat list of tokens:
   ``hidden @ W.T (+ b)`` of both models (each in its own dtype, into buffers reused from
   chunk to chunk) go through ``tdpo_ext::token_stats``; only the per-token statistics
   are kept.
-- ``tdpo_ext::fused_linear_token_stats_backward``: for each chunk, the policy logits are
-  recomputed (and the reference logits only for tokens whose ``token_kl`` gradient is
-  nonzero: none for DPO, the rejected rows only for TDPO2), ``tdpo_ext::token_stats_backward``
-  gives the chunk's logits gradient, and the matmuls turn it into the gradients of the
-  hidden states, the weight (accumulated in place with ``addmm_``) and the bias.
+- ``tdpo_ext::fused_linear_token_stats_backward``: for each block of tokens (up to 4096)
+  and each tile of the vocabulary, the policy logits are recomputed (and the reference
+  logits only for tokens whose ``token_kl`` gradient is nonzero: none for DPO, the rejected
+  rows only for TDPO2); the saved logsumexps turn them into the tile's probabilities and
+  logits gradient ``a (onehot(y) - p) + b (p - q)``, and two matmuls into the tile's rows of
+  the weight gradient and the block's hidden-state gradient. Walking the vocabulary in
+  tiles (rather than all of it per small chunk of tokens) reads each weight tile once per
+  block, and the weight gradient's matmul runs over the whole block (_backward_tiles).
 
 Masked tokens (prompt, padding) are gathered out first, so they cost neither memory nor
 matmul work. The row reduction and the pairwise loss are those of tdpo_loss
@@ -46,18 +49,15 @@ def auto_chunk_size(vocab: int, policy_hidden_size: int, ref_hidden_size: Option
                     ref_dtype: Optional[torch.dtype] = None,
                     device: torch.device | str = "cpu") -> int:
     """Tokens per chunk when chunk_size is None: as many as fit the byte budget
-    CHUNK_BUDGET_BYTES[device type] (64 MiB on CPU, 256 MiB on CUDA) at the backward's
-    peak, which holds three (C, V) buffers at once (policy logits and logits gradient in
-    the policy dtype, reference logits in the reference dtype) and the gathered hidden
-    rows of both models:
+    CHUNK_BUDGET_BYTES[device type] (64 MiB on CPU, 256 MiB on CUDA) at
 
         per_token = V * (2 p + r) + 2 * (H_pol p + H_ref r)      (p, r: itemsizes)
         chunk = max(1, budget // per_token), rounded down to a multiple of 8 if >= 8
 
-    The forward holds two of those buffers, so it stays under the budget too. The rule
-    depends on V, H and the dtypes only, never on N * T: the extra memory is bounded
-    whatever the batch. (One chunk size serves every phase, so that the buffers of the
-    forward and the backward are of one size and reuse the same memory.)"""
+    The forward holds two (chunk, V) logits buffers and the gathered hidden rows, within
+    chunk * per_token bytes; the backward sizes its token blocks and vocabulary tiles to
+    the same bytes (_backward_tiles). The rule depends on V, H and the dtypes only, never
+    on N * T: the extra memory is bounded whatever the batch."""
     ref_hidden_size = policy_hidden_size if ref_hidden_size is None else ref_hidden_size
     ref_dtype = policy_dtype if ref_dtype is None else ref_dtype
     p, r = _itemsize(policy_dtype), _itemsize(ref_dtype)
@@ -100,6 +100,33 @@ def _linear_into(buffer: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[
     else:
         torch.addmm(bias, hidden, weight.t(), out=out)
     return out.unsqueeze(0)
+
+
+def _backward_tiles(chunk: int, n_tokens: int, policy_weight: Tensor, ref_weight: Tensor):
+    """(tokens per block, vocabulary columns per tile) of the backward, within the bytes
+    of one chunk (auto_chunk_size's per_token * chunk). A block holds its gathered hidden
+    rows of both models and a float32 accumulator of its hidden-state gradient; a tile
+    holds the logits of both models over (block, tile) and their float32 working copies.
+    Blocks are as long as 4096 tokens where the budget allows, so that each weight tile is
+    read once per block and the weight gradient's matmul has a long inner dimension."""
+    (vocab, h_pol), h_ref = policy_weight.shape, ref_weight.shape[1]
+    p, r = _itemsize(policy_weight.dtype), _itemsize(ref_weight.dtype)
+    budget = chunk * (vocab * (2 * p + r) + 2 * (h_pol * p + h_ref * r))
+    # float32 p and q, plus the narrower logits they come from and the rounded gradient
+    per_element = 8 + (2 * p if p != 4 else 0) + (r if r != 4 else 0)
+    per_row = h_pol * (p + 4) + h_ref * r
+    block = min(n_tokens, 4096)
+    while True:
+        tile = (budget - block * per_row) // (block * per_element)
+        if tile >= min(vocab, 256) or block == 1:
+            return block, max(1, min(vocab, tile))
+        block = max(1, block // 2)
+
+
+def _logits_tile(hidden: Tensor, weight_tile: Tensor, bias: Optional[Tensor], v0: int,
+                 v1: int) -> Tensor:
+    """The logits of vocabulary columns [v0, v1): hidden @ weight_tile.T + bias[v0:v1]."""
+    return F.linear(hidden, weight_tile, None if bias is None else bias[v0:v1])
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,42 +215,56 @@ def _fused_linear_token_stats_backward(
 
     # Tokens with a zero gradient (masked ones, and e.g. pairs whose loss gets none)
     # contribute nothing; tokens whose KL gradient is 0 need no reference logits.
-    active = (tgt != ignore_index) & ((g_lp != 0) | (g_kl != 0))
-    needs_ref = active & (g_kl != 0)
-    groups = ((needs_ref.nonzero().squeeze(1), True),
-              ((active & ~needs_ref).nonzero().squeeze(1), False))
-    chunk = _chunk_for(chunk_size, max(g.numel() for g, _ in groups), policy_weight, ref_weight)
-    if groups[0][0].numel():
-        pol_buf, ref_buf = _chunk_buffers(chunk, vocab, (policy_hidden.dtype, ref_hidden.dtype),
-                                          dev)
-    else:
-        (pol_buf,), ref_buf = _chunk_buffers(chunk, vocab, (policy_hidden.dtype,), dev), None
+    active = ((tgt != ignore_index) & ((g_lp != 0) | (g_kl != 0))).nonzero().squeeze(1)
+    if active.numel() == 0:
+        return _finish_grads(grad_hidden, grad_weight, grad_bias, policy_hidden, policy_bias,
+                             policy_weight, need_hidden, need_bias)
+    chunk = _chunk_for(chunk_size, active.numel(), policy_weight, ref_weight)
+    block, tile = _backward_tiles(chunk, active.numel(), policy_weight, ref_weight)
+    dtype = policy_weight.dtype
     with torch.autocast(dev.type, enabled=False):
-        for idx, with_ref in groups:
-            for start in range(0, idx.numel(), chunk):
-                i = idx[start:start + chunk]
-                h = hp.index_select(0, i)
-                pol = _linear_into(pol_buf, h, policy_weight, policy_bias)
-                if with_ref:
-                    ref = _linear_into(ref_buf, hr.index_select(0, i), ref_weight, ref_bias)
-                else:
-                    # token_stats_backward does not read the reference of a row whose KL
-                    # gradient is 0: one zero row, broadcast, stands in for it.
-                    ref = torch.zeros((1, 1, vocab), dtype=ref_weight.dtype,
-                                      device=dev).expand(1, i.numel(), vocab)
-                grad_logits = torch.ops.tdpo_ext.token_stats_backward(
-                    g_lp.index_select(0, i).unsqueeze(0), g_kl.index_select(0, i).unsqueeze(0),
-                    pol, ref, tgt.index_select(0, i).unsqueeze(0),
-                    lse_p.index_select(0, i).unsqueeze(0), lse_r.index_select(0, i).unsqueeze(0),
-                    ignore_index)[0]
-                if need_hidden:
-                    grad_hidden.index_copy_(0, i, grad_logits @ policy_weight)
-                if need_weight:
-                    grad_weight.addmm_(grad_logits.t(), h)
+        for start in range(0, active.numel(), block):
+            i = active[start:start + block]
+            h, y = hp.index_select(0, i), tgt.index_select(0, i)
+            a, b = g_lp.index_select(0, i), g_kl.index_select(0, i)
+            kl = (b != 0).nonzero().squeeze(1)
+            hk = hr.index_select(0, i.index_select(0, kl))
+            lse_p_i = lse_p.index_select(0, i).unsqueeze(1)
+            lse_r_k = lse_r.index_select(0, i.index_select(0, kl)).unsqueeze(1)
+            # grad = a (onehot(y) - p) + b (p - q) = (b - a) p - b q + a onehot(y)
+            coef_p, coef_q = (b - a).unsqueeze(1), b.index_select(0, kl).unsqueeze(1)
+            grad_h_block = torch.zeros(h.shape, dtype=torch.float32, device=dev) \
+                if need_hidden else None
+            for v0 in range(0, vocab, tile):
+                v1 = min(vocab, v0 + tile)
+                w = policy_weight[v0:v1]
+                g = _logits_tile(h, w, policy_bias, v0, v1).float()
+                g.sub_(lse_p_i).exp_().mul_(coef_p)
+                if kl.numel():
+                    q = _logits_tile(hk, ref_weight[v0:v1], ref_bias, v0, v1).float()
+                    g.index_add_(0, kl, q.sub_(lse_r_k).exp_().mul_(coef_q), alpha=-1)
+                    del q
+                label_rows = ((y >= v0) & (y < v1)).nonzero().squeeze(1)
+                g.index_put_((label_rows, y.index_select(0, label_rows) - v0),
+                             a.index_select(0, label_rows), accumulate=True)
                 if need_bias:
-                    grad_bias += grad_logits.sum(0, dtype=torch.float32)
-                del grad_logits
-    del pol_buf, ref_buf
+                    grad_bias[v0:v1] += g.sum(0)
+                # Rounded once to the policy dtype, as the logits gradient of the
+                # materialized path is, before the matmuls.
+                g = g.to(dtype)
+                if need_weight:
+                    grad_weight[v0:v1].addmm_(g.t(), h)
+                if need_hidden:
+                    grad_h_block += torch.mm(g, w).float()
+                del g
+            if need_hidden:
+                grad_hidden.index_copy_(0, i, grad_h_block.to(grad_hidden.dtype))
+    return _finish_grads(grad_hidden, grad_weight, grad_bias, policy_hidden, policy_bias,
+                         policy_weight, need_hidden, need_bias)
+
+
+def _finish_grads(grad_hidden, grad_weight, grad_bias, policy_hidden, policy_bias,
+                  policy_weight, need_hidden, need_bias):
     if need_hidden:
         grad_hidden = grad_hidden.view(policy_hidden.shape)
     if need_bias:
