@@ -16,9 +16,7 @@ See bench/README.md.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
-import gc
 import json
 import os
 import statistics
@@ -33,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the in-place build of tdpo_ext
 import tdpo_ext  # noqa: E402
+from peak_memory import PeakMemory  # noqa: E402  (bench/, this script's folder)
 from tdpo_ext.ops import pairwise_output  # noqa: E402
 from tdpo_ext.reference import reference_tdpo_loss  # noqa: E402
 
@@ -154,48 +153,6 @@ def make_timer(device: str):
     return cpu_timer
 
 
-class CpuMemoryProbe:
-    """Peak resident memory of this process: VmHWM, reset to the current VmRSS by writing
-    5 to /proc/self/clear_refs (Linux)."""
-
-    @staticmethod
-    def _status_bytes(key: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(f"{key} not in /proc/self/status")
-
-    def reset(self) -> int:
-        gc.collect()
-        # Return freed heap pages to the kernel, so that the baseline holds only live data
-        # and the measured call cannot reuse pages that the baseline counted.
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        current = self._status_bytes("VmRSS")
-        if self._status_bytes("VmHWM") > current + 4 * MIB:
-            raise RuntimeError("writing 5 to /proc/self/clear_refs did not reset VmHWM here")
-        return current
-
-    def peak(self) -> int:
-        return self._status_bytes("VmHWM")
-
-
-class CudaMemoryProbe:
-    """Peak of torch's CUDA caching allocator (bytes handed to tensors)."""
-
-    def reset(self) -> int:
-        gc.collect()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-
-    def peak(self) -> int:
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-
-
 def copy_bandwidth(device: str, timer, reps: int = 10) -> float:
     """Bytes read plus written per second by dst.copy_(src) of COPY_BYTES, in GB/s."""
     src = torch.ones(COPY_BYTES // 4, device=device)
@@ -296,19 +253,16 @@ def timing_worker(case: Case, device: str, reps: int, input_sets: int) -> dict:
 def memory_worker(case: Case, device: str, impl: str) -> dict:
     inputs = make_inputs(case, device, seed=0)
     fn = loss_fn(impl)
-    probe = CudaMemoryProbe() if device == "cuda" else CpuMemoryProbe()
     try:
         # Compilation, thread pools and lazy initialization happen outside the measured call.
         fwd_bwd(fn, inputs)
         inputs[0].grad = None
-        baseline = probe.reset()
-        fwd_bwd(fn, inputs)
-        peak = probe.peak()
+        with PeakMemory(torch.device(device)) as mem:
+            fwd_bwd(fn, inputs)
     except torch.OutOfMemoryError:
         return dict(failed="OOM")
     grad_bytes = inputs[0].grad.nbytes
-    return dict(extra_bytes=peak - baseline - grad_bytes, baseline_bytes=baseline,
-                peak_bytes=peak, grad_bytes=grad_bytes)
+    return dict(extra_bytes=mem.peak - grad_bytes, peak_bytes=mem.peak, grad_bytes=grad_bytes)
 
 
 def run_worker(argv: list[str], env: dict[str, str]) -> dict:

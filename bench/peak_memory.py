@@ -39,6 +39,9 @@ class PeakMemory:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # VmHWM := VmRSS
             self.base = status_bytes("VmRSS")
+            if status_bytes("VmHWM") > self.base + (4 << 20):
+                raise RuntimeError("writing 5 to /proc/self/clear_refs did not reset VmHWM "
+                                   "here: the peak would include earlier memory")
         return self
 
     def __exit__(self, *exc):
