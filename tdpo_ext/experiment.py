@@ -35,6 +35,7 @@ def slug(method, beta, seed):
 def prepare_base(out, args):
     """SFT model + pairs, once, with the embedded task's settings."""
     from . import train
+    from .processes import seed_all
     from .tasks import get_task
     argv = ["--out", out, "--seed", "0"]
     if args.quick:
@@ -44,7 +45,7 @@ def prepare_base(out, args):
         return cfg
     os.makedirs(out, exist_ok=True)
     import torch
-    train.seed_all(cfg["seed"])
+    seed_all(cfg["seed"])
     train.prepare_task_data(cfg, get_task("sentiment"), 0, 1, torch.device("cpu"), {})
     return cfg
 
