@@ -130,6 +130,13 @@ PairInputs prepare_pair_backward_inputs(const at::Tensor& grad_losses,
 
 at::Tensor PairInputs::empty_output() const { return at::empty_like(chosen_margin); }
 
+PairArgs PairInputs::args(double beta, double alpha) const {
+  return {chosen_margin.data_ptr<float>(), rejected_margin.data_ptr<float>(),
+          chosen_kl.data_ptr<float>(),     rejected_kl.data_ptr<float>(),
+          pairs(),                         static_cast<float>(beta),
+          static_cast<float>(alpha),       variant};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_token_stats(
     const at::Tensor& policy_logits, const at::Tensor& targets) {
   const auto opts = policy_logits.options().dtype(at::kFloat);

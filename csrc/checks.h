@@ -45,6 +45,8 @@ struct PairInputs {
   int64_t pairs() const { return chosen_margin.size(0); }
   // A (B,) float32 output on the pairs' device.
   at::Tensor empty_output() const;
+  // The kernels' view of these inputs (pointers valid while this object lives).
+  PairArgs args(double beta, double alpha) const;
 };
 
 PairInputs prepare_pair_inputs(const at::Tensor& chosen_logps_margin,

@@ -177,4 +177,28 @@ TDPO_HD PairLossGrad pair_loss_grad(float grad_loss, float chosen_margin, float 
   return g;
 }
 
+// The pairwise loss's inputs as one kernel argument: B pairs of contiguous float32 values
+// and the hyperparameters, for the CPU loop and the CUDA kernels alike.
+struct PairArgs {
+  const float* chosen_margin;
+  const float* rejected_margin;
+  const float* chosen_kl;
+  const float* rejected_kl;
+  int64_t pairs;
+  float beta;
+  float alpha;
+  Variant variant;
+};
+
+TDPO_HD PairLoss pair_loss_at(const PairArgs& in, int64_t i) {
+  return pair_loss(in.chosen_margin[i], in.rejected_margin[i], in.chosen_kl[i],
+                   in.rejected_kl[i], in.beta, in.alpha, in.variant);
+}
+
+TDPO_HD PairLossGrad pair_loss_grad_at(const PairArgs& in, const float* grad_losses,
+                                       int64_t i) {
+  return pair_loss_grad(grad_losses[i], in.chosen_margin[i], in.rejected_margin[i],
+                        in.chosen_kl[i], in.rejected_kl[i], in.beta, in.alpha, in.variant);
+}
+
 }  // namespace tdpo_ext

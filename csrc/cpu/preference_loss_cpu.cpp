@@ -20,11 +20,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> preference_loss_cpu(
                                             chosen_kl, rejected_kl, beta, variant);
   at::Tensor losses = in.empty_output(), chosen_rewards = in.empty_output(),
              rejected_rewards = in.empty_output();
-  const float *mc = in.chosen_margin.data_ptr<float>(), *mr = in.rejected_margin.data_ptr<float>(),
-              *kc = in.chosen_kl.data_ptr<float>(), *kr = in.rejected_kl.data_ptr<float>();
-  for (int64_t i = 0; i < in.pairs(); ++i) {
-    const PairLoss out = pair_loss(mc[i], mr[i], kc[i], kr[i], static_cast<float>(beta),
-                                   static_cast<float>(alpha), in.variant);
+  const PairArgs args = in.args(beta, alpha);
+  for (int64_t i = 0; i < args.pairs; ++i) {
+    const PairLoss out = pair_loss_at(args, i);
     losses.data_ptr<float>()[i] = out.loss;
     chosen_rewards.data_ptr<float>()[i] = out.chosen_reward;
     rejected_rewards.data_ptr<float>()[i] = out.rejected_reward;
@@ -41,13 +39,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_backw
                                                      rejected_kl, beta, variant);
   at::Tensor d_mc = in.empty_output(), d_mr = in.empty_output(), d_kc = in.empty_output(),
              d_kr = in.empty_output();
-  const float *mc = in.chosen_margin.data_ptr<float>(), *mr = in.rejected_margin.data_ptr<float>(),
-              *kc = in.chosen_kl.data_ptr<float>(), *kr = in.rejected_kl.data_ptr<float>(),
-              *grad = in.grad_losses.data_ptr<float>();
-  for (int64_t i = 0; i < in.pairs(); ++i) {
-    const PairLossGrad d = pair_loss_grad(grad[i], mc[i], mr[i], kc[i], kr[i],
-                                          static_cast<float>(beta), static_cast<float>(alpha),
-                                          in.variant);
+  const PairArgs args = in.args(beta, alpha);
+  for (int64_t i = 0; i < args.pairs; ++i) {
+    const PairLossGrad d = pair_loss_grad_at(args, in.grad_losses.data_ptr<float>(), i);
     d_mc.data_ptr<float>()[i] = d.chosen_margin;
     d_mr.data_ptr<float>()[i] = d.rejected_margin;
     d_kc.data_ptr<float>()[i] = d.chosen_kl;

@@ -35,18 +35,7 @@ cudaError_t launch_token_stats_backward(const at::Tensor& grad_logp_pol,
                                         const at::Tensor& lse_pol, const at::Tensor& lse_ref,
                                         int64_t ignore_index, const at::Tensor& grad);
 
-// The pairwise loss over B pairs of contiguous float32 (B,) tensors.
-struct PairArgs {
-  const float* chosen_margin;
-  const float* rejected_margin;
-  const float* chosen_kl;
-  const float* rejected_kl;
-  int64_t pairs;
-  float beta;
-  float alpha;
-  Variant variant;
-};
-
+// The pairwise loss over in.pairs pairs (PairArgs, tdpo_math.h).
 cudaError_t launch_preference_loss(const PairArgs& in, float* losses, float* chosen_rewards,
                                    float* rejected_rewards);
 

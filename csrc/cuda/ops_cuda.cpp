@@ -60,13 +60,6 @@ at::Tensor token_stats_backward_cuda(const at::Tensor& grad_logp_pol,
   return grad;
 }
 
-PairArgs pair_args(const PairInputs& in, double beta, double alpha) {
-  return {in.chosen_margin.data_ptr<float>(), in.rejected_margin.data_ptr<float>(),
-          in.chosen_kl.data_ptr<float>(),     in.rejected_kl.data_ptr<float>(),
-          in.pairs(),                         static_cast<float>(beta),
-          static_cast<float>(alpha),          in.variant};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> preference_loss_cuda(
     const at::Tensor& chosen_logps_margin, const at::Tensor& rejected_logps_margin,
     const at::Tensor& chosen_kl, const at::Tensor& rejected_kl, double beta, double alpha,
@@ -77,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> preference_loss_cuda(
   at::Tensor losses = in.empty_output(), chosen_rewards = in.empty_output(),
              rejected_rewards = in.empty_output();
   if (in.pairs() == 0) return {losses, chosen_rewards, rejected_rewards};
-  C10_CUDA_CHECK(launch_preference_loss(pair_args(in, beta, alpha), losses.data_ptr<float>(),
+  C10_CUDA_CHECK(launch_preference_loss(in.args(beta, alpha), losses.data_ptr<float>(),
                                         chosen_rewards.data_ptr<float>(),
                                         rejected_rewards.data_ptr<float>()));
   return {losses, chosen_rewards, rejected_rewards};
@@ -95,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_backw
              d_kr = in.empty_output();
   if (in.pairs() == 0) return {d_mc, d_mr, d_kc, d_kr};
   C10_CUDA_CHECK(launch_preference_loss_backward(
-      pair_args(in, beta, alpha), in.grad_losses.data_ptr<float>(), d_mc.data_ptr<float>(),
+      in.args(beta, alpha), in.grad_losses.data_ptr<float>(), d_mc.data_ptr<float>(),
       d_mr.data_ptr<float>(), d_kc.data_ptr<float>(), d_kr.data_ptr<float>()));
   return {d_mc, d_mr, d_kc, d_kr};
 }

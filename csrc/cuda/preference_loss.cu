@@ -26,8 +26,7 @@ __global__ void preference_loss_kernel(PairArgs in, float* __restrict__ losses,
                                        float* __restrict__ rejected_rewards) {
   const int64_t i = pair_index();
   if (i >= in.pairs) return;
-  const PairLoss out = pair_loss(in.chosen_margin[i], in.rejected_margin[i], in.chosen_kl[i],
-                                 in.rejected_kl[i], in.beta, in.alpha, in.variant);
+  const PairLoss out = pair_loss_at(in, i);
   losses[i] = out.loss;
   chosen_rewards[i] = out.chosen_reward;
   rejected_rewards[i] = out.rejected_reward;
@@ -41,9 +40,7 @@ __global__ void preference_loss_backward_kernel(PairArgs in,
                                                 float* __restrict__ d_rejected_kl) {
   const int64_t i = pair_index();
   if (i >= in.pairs) return;
-  const PairLossGrad d =
-      pair_loss_grad(grad_losses[i], in.chosen_margin[i], in.rejected_margin[i],
-                     in.chosen_kl[i], in.rejected_kl[i], in.beta, in.alpha, in.variant);
+  const PairLossGrad d = pair_loss_grad_at(in, grad_losses, i);
   d_chosen_margin[i] = d.chosen_margin;
   d_rejected_margin[i] = d.rejected_margin;
   d_chosen_kl[i] = d.chosen_kl;
