@@ -17,7 +17,7 @@ LM-head weights + fused_linear_tdpo_loss (what `tdpo-train --fused-linear` does)
 
 Time: each method in turn within one process (materialized and fused alternating which goes
 first, the reference pattern last: see op_order), every call after freeing what the last one
-left (settle); the median per method and the median of the per-repetition ratios to the
+left (release_freed_memory); the median per method and the median of the per-repetition ratios to the
 materialized path.
 Peak memory beyond inputs and gradients: on CPU, each method in a fresh process: one
 warm-up call, then the peak resident set (VmHWM, reset through /proc/self/clear_refs)
@@ -30,7 +30,6 @@ torch.cuda.max_memory_allocated above the allocation before the call.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import gc
 import json
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from peak_memory import PeakMemory  # noqa: E402
+from peak_memory import PeakMemory, release_freed_memory  # noqa: E402
 from tdpo_ext import fused_linear_tdpo_loss, tdpo_loss  # noqa: E402
 from tdpo_ext.fused_linear import auto_chunk_size, lm_head_of  # noqa: E402
 from tdpo_ext.reference import reference_tdpo_loss  # noqa: E402
@@ -83,20 +82,6 @@ def make_op_inputs(n, t, h, vocab, dtype, device, prompt_frac, seed=0):
     labels = torch.randint(0, vocab, (n, t), generator=g, device=device)
     labels[:, :int(t * prompt_frac)] = -100  # the prompt
     return hidden, weight, ref_hidden, ref_weight, labels
-
-
-def settle(device):
-    """Frees what the previous call left (on CPU, back to the system: malloc_trim), so
-    that every timed call starts from the same allocator state and pays for its own
-    fresh memory."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def op_order(methods, rep):
@@ -152,7 +137,7 @@ def bench_op(args, dims, dtype_name, prompt_frac) -> dict:
     for rep in range(args.reps + 1):  # the first round warms up and is not counted
         for m in (m for m in op_order(methods, rep) if m not in failed):
             hidden.grad = weight.grad = None
-            settle(device)
+            release_freed_memory(device)  # every call starts from the same state
             start = time.perf_counter()
             try:
                 losses[m] = op_step(m, *inputs)

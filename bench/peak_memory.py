@@ -18,24 +18,34 @@ def status_bytes(field: str) -> int:
     return 0
 
 
+def release_freed_memory(device: torch.device) -> None:
+    """Collects garbage and hands what is free back: on CUDA waits for queued work; on
+    CPU returns glibc's freed heap pages to the system (malloc_trim), so that what follows
+    starts from live memory only and pays for its own fresh pages."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 class PeakMemory:
     """``with PeakMemory(device) as mem: ...`` then ``mem.peak``: peak bytes above the
     start of the region."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.cuda = device.type == "cuda"
 
     def __enter__(self):
-        gc.collect()
+        release_freed_memory(self.device)
         if self.cuda:
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
-            try:
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
-            except OSError:
-                pass
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # VmHWM := VmRSS
             self.base = status_bytes("VmRSS")

@@ -227,10 +227,11 @@ def _fused_linear_token_stats_backward(
             i = active[start:start + block]
             h, y = hp.index_select(0, i), tgt.index_select(0, i)
             a, b = g_lp.index_select(0, i), g_kl.index_select(0, i)
-            kl = (b != 0).nonzero().squeeze(1)
-            hk = hr.index_select(0, i.index_select(0, kl))
+            kl = (b != 0).nonzero().squeeze(1)  # positions in the block that need q
+            i_kl = i.index_select(0, kl)
+            hk = hr.index_select(0, i_kl)
             lse_p_i = lse_p.index_select(0, i).unsqueeze(1)
-            lse_r_k = lse_r.index_select(0, i.index_select(0, kl)).unsqueeze(1)
+            lse_r_k = lse_r.index_select(0, i_kl).unsqueeze(1)
             # grad = a (onehot(y) - p) + b (p - q) = (b - a) p - b q + a onehot(y)
             coef_p, coef_q = (b - a).unsqueeze(1), b.index_select(0, kl).unsqueeze(1)
             grad_h_block = torch.zeros(h.shape, dtype=torch.float32, device=dev) \
