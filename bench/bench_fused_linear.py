@@ -357,7 +357,8 @@ def report(op_results, step_result, args) -> str:
                       f"{why} | - | " + " | ".join(["-"] * len(mem_cols)) + " | - |"
                       for m, why in r.get("failed", {}).items()]
             lines.append("")
-        lines.append("Automatic chunk size at these shapes: " + ", ".join(
+        lines.append("Automatic chunk size (the working-memory budget, counted in tokens' "
+                     "whole logits rows) at these shapes: " + ", ".join(
             f"{r['chunk']} tokens ({'×'.join(map(str, r['dims']))} {r['dtype']})"
             for r in op_results[:1]) + ".")
         lines.append("")

@@ -8,6 +8,8 @@ rows of policy and reference that no common offset aligns (whole-row scalar path
 smaller than one vector, -inf logits, masked rows, rows whose KL gradient is zero (the
 reference is not read), float32, bfloat16, float16 and mixed pairs; an out-of-range label
 must raise a RuntimeError, not a device-side assert, and leave the device usable.
+token_stats_tile, token_stats_finish and token_stats_backward over tiles of vocabulary
+columns (vocab_start > 0, tile starts not 16-byte aligned).
 preference_loss forward and backward: every variant, several blocks of pairs.
 
 Inputs are made on the CPU and copied over, so that the sanitizers see few kernels
@@ -100,6 +102,40 @@ def compare_token_stats(pol: torch.Tensor, ref: torch.Tensor, targets: torch.Ten
     assert bool((grad.cpu()[masked] == 0).all()), "masked rows must have zero gradient"
 
 
+def compare_tiles(pol: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor,
+                  edges: list[int], gen) -> None:
+    """token_stats_tile + token_stats_finish and token_stats_backward with vocab_start
+    over the tiles [edges[k], edges[k + 1]) (views into the rows, unaligned where an edge
+    is odd), on CUDA against the CPU ops."""
+    ops = torch.ops.tdpo_ext
+    tiles = list(zip(edges, edges[1:]))
+    stats = {}
+    for device in ("cuda", "cpu"):
+        p, r, y = pol.to(device), ref.to(device), targets.to(device)
+        state = None
+        for v0, v1 in tiles:
+            state = ops.token_stats_tile(p[..., v0:v1], r[..., v0:v1], y, IGNORE, v0, state)
+        stats[device] = ops.token_stats_finish(state, y, IGNORE)
+    for name, g, w in zip(("logp_pol", "logp_ref", "token_kl", "lse_pol", "lse_ref"),
+                          stats["cuda"], stats["cpu"]):
+        torch.testing.assert_close(g.cpu(), w, rtol=STATS_TOL[0], atol=STATS_TOL[1],
+                                   msg=lambda m, name=name: f"tiled {name}: {m}")
+    grad_logp = torch.randn(targets.shape, generator=gen)
+    grad_kl = torch.randn(targets.shape, generator=gen)
+    grad_kl[:, ::2] = 0.0
+    lse_pol, lse_ref = stats["cpu"][3], stats["cpu"][4]
+    rtol, atol = GRAD_TOL[pol.dtype]
+    for v0, v1 in tiles:
+        grad = ops.token_stats_backward(grad_logp.cuda(), grad_kl.cuda(), pol[..., v0:v1],
+                                        ref[..., v0:v1], targets, lse_pol.cuda(),
+                                        lse_ref.cuda(), IGNORE, v0)
+        want = ops.token_stats_backward(grad_logp, grad_kl, pol.cpu()[..., v0:v1],
+                                        ref.cpu()[..., v0:v1], targets.cpu(), lse_pol,
+                                        lse_ref, IGNORE, v0)
+        torch.testing.assert_close(grad.cpu().float(), want.float(), rtol=rtol, atol=atol,
+                                   msg=lambda m, v0=v0: f"tiled grad at {v0}: {m}")
+
+
 def token_stats_cases(gen) -> None:
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     # V: below one vector, warp per row (aligned / odd), the warp-block boundary, block
@@ -127,6 +163,15 @@ def token_stats_cases(gen) -> None:
     check("token_stats vocab_strided", lambda: compare_token_stats(
         make_logits(2, 3, 999, f32, "vocab_strided", gen),
         make_logits(2, 3, 999, bf16, "vocab_strided", gen), make_targets(2, 3, 999, gen), gen))
+    # Tiles of vocabulary columns (the fused LM head's ops): a warp and a block per row,
+    # odd edges (unaligned tile starts), a label in every tile.
+    for v, edges in ((1000, [0, 333, 1000]), (5003, [0, 1, 2049, 4097, 5003])):
+        for pol_dtype, ref_dtype in ((f32, f32), (bf16, f32)):
+            name = f"token_stats_tile V={v} {pol_dtype}/{ref_dtype}".replace("torch.", "")
+            check(name, lambda: compare_tiles(
+                make_logits(3, 5, v, pol_dtype, "contiguous", gen),
+                make_logits(3, 5, v, ref_dtype, "contiguous", gen),
+                make_targets(3, 5, v, gen), edges, gen))
     check("token_stats -inf logits", lambda: neg_inf_case(gen))
     check("token_stats empty batch", empty_case)
     check("token_stats bad label raises", bad_label_case)
@@ -154,6 +199,10 @@ def empty_case() -> None:
     grad = torch.ops.tdpo_ext.token_stats_backward(outs[0], outs[2], pol, pol, targets,
                                                    outs[3], outs[4], IGNORE)
     assert grad.shape == pol.shape
+    state = torch.ops.tdpo_ext.token_stats_tile(pol, pol, targets, IGNORE, 0, None)
+    assert state.shape == (0, 4, 7)
+    assert all(o.shape == (0, 4)
+               for o in torch.ops.tdpo_ext.token_stats_finish(state, targets, IGNORE))
 
 
 def bad_label_case() -> None:

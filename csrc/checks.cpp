@@ -82,8 +82,9 @@ Variant parse_variant(std::string_view variant) {
 TokenStatsBackwardInputs prepare_token_stats_backward_inputs(
     const at::Tensor& grad_logp_pol, const at::Tensor& grad_token_kl,
     const at::Tensor& policy_logits, const at::Tensor& ref_logits, const at::Tensor& targets,
-    const at::Tensor& lse_pol, const at::Tensor& lse_ref) {
+    const at::Tensor& lse_pol, const at::Tensor& lse_ref, int64_t vocab_start) {
   check_token_stats_inputs(policy_logits, ref_logits, targets);
+  TORCH_CHECK(vocab_start >= 0, "tdpo_ext: vocab_start must be >= 0, got ", vocab_start);
   const at::Tensor* tensors[] = {&grad_logp_pol, &grad_token_kl, &lse_pol, &lse_ref};
   const char* names[] = {"grad_logp_pol", "grad_token_kl", "lse_pol", "lse_ref"};
   for (int i = 0; i < 4; ++i) {
@@ -100,6 +101,38 @@ TokenStatsBackwardInputs prepare_token_stats_backward_inputs(
 
 at::Tensor TokenStatsBackwardInputs::empty_grad() const {
   return at::empty(policy_logits.sizes(), policy_logits.options());
+}
+
+TokenStatsTileInputs prepare_token_stats_tile_inputs(const at::Tensor& policy_logits,
+                                                     const at::Tensor& ref_logits,
+                                                     const at::Tensor& targets,
+                                                     int64_t vocab_start,
+                                                     const std::optional<at::Tensor>& state) {
+  check_token_stats_inputs(policy_logits, ref_logits, targets);
+  TORCH_CHECK(vocab_start >= 0, "tdpo_ext: vocab_start must be >= 0, got ", vocab_start);
+  return {with_unit_vocab_stride(policy_logits), with_unit_vocab_stride(ref_logits),
+          state.has_value() ? check_tile_state(*state, targets) : at::Tensor()};
+}
+
+at::Tensor TokenStatsTileInputs::empty_state(const at::Tensor& targets) const {
+  return at::empty({targets.size(0), targets.size(1), kTileStateFloats},
+                   policy_logits.options().dtype(at::kFloat));
+}
+
+at::Tensor check_tile_state(const at::Tensor& state, const at::Tensor& targets) {
+  TORCH_CHECK(targets.dim() == 2, "tdpo_ext: labels must have shape (N, T), got ",
+              targets.sizes());
+  TORCH_CHECK(state.dim() == 3 && state.size(0) == targets.size(0) &&
+                  state.size(1) == targets.size(1) && state.size(2) == kTileStateFloats,
+              "tdpo_ext: state must have shape (N, T, ", kTileStateFloats,
+              ") with the (N, T) of labels ", targets.sizes(), ", got ", state.sizes());
+  TORCH_CHECK(state.scalar_type() == at::kFloat, "tdpo_ext: state must be float32, got ",
+              state.scalar_type());
+  TORCH_CHECK(state.device() == targets.device(), "tdpo_ext: state is on ", state.device(),
+              " but labels are on ", targets.device());
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "tdpo_ext: labels must be int64, got ",
+              targets.scalar_type());
+  return state.contiguous();
 }
 
 PairInputs prepare_pair_inputs(const at::Tensor& chosen_logps_margin,
@@ -143,6 +176,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_tok
   const auto shape = targets.sizes();
   return {at::empty(shape, opts), at::empty(shape, opts), at::empty(shape, opts),
           at::empty(shape, opts), at::empty(shape, opts)};
+}
+
+TokenStatsOut token_stats_out(
+    const std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>& outputs) {
+  return {std::get<0>(outputs).data_ptr<float>(), std::get<1>(outputs).data_ptr<float>(),
+          std::get<2>(outputs).data_ptr<float>(), std::get<3>(outputs).data_ptr<float>(),
+          std::get<4>(outputs).data_ptr<float>()};
 }
 
 at::Tensor with_unit_vocab_stride(const at::Tensor& logits) {

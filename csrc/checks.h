@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <string_view>
 #include <tuple>
 
@@ -30,7 +31,31 @@ struct TokenStatsBackwardInputs {
 TokenStatsBackwardInputs prepare_token_stats_backward_inputs(
     const at::Tensor& grad_logp_pol, const at::Tensor& grad_token_kl,
     const at::Tensor& policy_logits, const at::Tensor& ref_logits, const at::Tensor& targets,
-    const at::Tensor& lse_pol, const at::Tensor& lse_ref);
+    const at::Tensor& lse_pol, const at::Tensor& lse_ref, int64_t vocab_start);
+
+// token_stats_tile's inputs as both devices' implementations start from them: the logits
+// and labels checked as for token_stats, vocab_start >= 0, and the state of the columns
+// before the tile, if any, checked (see check_tile_state) and contiguous.
+struct TokenStatsTileInputs {
+  at::Tensor policy_logits, ref_logits;
+  at::Tensor state_in;  // undefined for the first tile
+
+  // The (N, T, kTileStateFloats) float32 state to fill, on the logits' device.
+  at::Tensor empty_state(const at::Tensor& targets) const;
+  const float* state_in_data() const {
+    return state_in.defined() ? state_in.data_ptr<float>() : nullptr;
+  }
+};
+
+TokenStatsTileInputs prepare_token_stats_tile_inputs(const at::Tensor& policy_logits,
+                                                     const at::Tensor& ref_logits,
+                                                     const at::Tensor& targets,
+                                                     int64_t vocab_start,
+                                                     const std::optional<at::Tensor>& state);
+
+// A token_stats_tile state for token_stats_finish: (N, T, kTileStateFloats) float32 on
+// the device of targets (N, T). Returns it contiguous.
+at::Tensor check_tile_state(const at::Tensor& state, const at::Tensor& targets);
 
 // The pairwise loss's inputs as both devices' implementations start from them: the four
 // per-row tensors checked (float32, 1-D, same length and device; beta > 0) and made
@@ -63,9 +88,14 @@ PairInputs prepare_pair_backward_inputs(const at::Tensor& grad_losses,
                                         std::string_view variant);
 
 // The five (N, T) float32 outputs of token_stats (logp_pol, logp_ref, token_kl, lse_pol,
-// lse_ref), allocated on the logits' device for either implementation to fill.
+// lse_ref), allocated on the device of policy_logits (or of any tensor passed in its
+// place) for either implementation to fill.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_token_stats(
     const at::Tensor& policy_logits, const at::Tensor& targets);
+
+// The same five outputs as the kernels' view of them (pointers valid while they live).
+TokenStatsOut token_stats_out(
+    const std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>& outputs);
 
 // The kernels address logits as (row, position, vocab) with a unit vocabulary stride;
 // views such as logits[:, :-1] qualify as they are. Anything else is copied once.

@@ -90,6 +90,77 @@ TDPO_HD TokenStats finish_token_stats(const SoftmaxPairState& s, float pol_label
   return out;
 }
 
+// Where a kernel writes the five per-token outputs of token_stats: (N, T) float32 each,
+// indexed by row = n * T + t.
+struct TokenStatsOut {
+  float* logp_pol;
+  float* logp_ref;
+  float* token_kl;
+  float* lse_pol;
+  float* lse_ref;
+
+  TDPO_HD void write(int64_t row, const TokenStats& s) const {
+    logp_pol[row] = s.logp_pol;
+    logp_ref[row] = s.logp_ref;
+    token_kl[row] = s.token_kl;
+    lse_pol[row] = s.lse_pol;
+    lse_ref[row] = s.lse_ref;
+  }
+  // A masked token's outputs are all 0.
+  TDPO_HD void write_masked(int64_t row) const { write(row, {0.f, 0.f, 0.f, 0.f, 0.f}); }
+};
+
+// A token's progress through its vocabulary row when the row arrives in tiles of
+// columns (token_stats_tile): the softmax state of the columns seen so far, and the two
+// label logits once the tile holding the label has been seen (NaN until then, so that a
+// label no tile held shows as NaN rather than as a plausible number). Stored as
+// kTileStateFloats consecutive floats per token.
+struct TokenTileState {
+  SoftmaxPairState softmax;
+  float pol_label_logit;
+  float ref_label_logit;
+};
+
+constexpr int kTileStateFloats = 7;
+
+TDPO_HD TokenTileState empty_tile_state() { return {empty_state(), NAN, NAN}; }
+
+// What a masked token's state holds: zeros (it is never folded, and finishes as 0).
+TDPO_HD TokenTileState masked_tile_state() { return {{0.f, 0.f, 0.f, 0.f, 0.f}, 0.f, 0.f}; }
+
+TDPO_HD TokenTileState load_tile_state(const float* p) {
+  return {{p[0], p[1], p[2], p[3], p[4]}, p[5], p[6]};
+}
+
+TDPO_HD void store_tile_state(float* p, const TokenTileState& s) {
+  p[0] = s.softmax.max_pol;
+  p[1] = s.softmax.sum_pol;
+  p[2] = s.softmax.max_ref;
+  p[3] = s.softmax.sum_ref;
+  p[4] = s.softmax.ref_diff_sum;
+  p[5] = s.pol_label_logit;
+  p[6] = s.ref_label_logit;
+}
+
+// The state after folding in a tile of columns whose softmax state is `tile`: x and r
+// point at the tile's policy and reference logits, label_col is the label's column
+// counted from the tile's first one (outside [0, tile_len) when another tile holds it).
+template <typename P, typename R>
+TDPO_HD TokenTileState fold_tile(const TokenTileState& before, const SoftmaxPairState& tile,
+                                 const P* x, const R* r, int64_t label_col, int64_t tile_len) {
+  TokenTileState after{merge_states(before.softmax, tile), before.pol_label_logit,
+                       before.ref_label_logit};
+  if (label_col >= 0 && label_col < tile_len) {
+    after.pol_label_logit = static_cast<float>(x[label_col]);
+    after.ref_label_logit = static_cast<float>(r[label_col]);
+  }
+  return after;
+}
+
+TDPO_HD TokenStats finish_tile_state(const TokenTileState& s) {
+  return finish_token_stats(s.softmax, s.pol_label_logit, s.ref_label_logit);
+}
+
 // d loss / d policy logit v at one token, given the upstream gradients of that token's
 // logp_pol (grad_logp) and token_kl (grad_kl):
 //   grad_logp * (onehot(y) - p) + grad_kl * (p - q)

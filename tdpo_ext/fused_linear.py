@@ -2,20 +2,21 @@
 weights, without ever materializing the (N, T, V) logits of either model.
 
 Two ops, both opaque to torch.compile (Python custom ops with fake kernels and autograd
-registered right here), work on the flat list of tokens:
+registered right here), work on the flat list of unmasked tokens, in blocks of up to 4096
+tokens by tiles of vocabulary columns sized to one byte budget (_tiles): each weight tile
+is read once per block, and every matmul has the block's length.
 
-- ``tdpo_ext::fused_linear_token_stats``: for each chunk of unmasked tokens, the logits
-  ``hidden @ W.T (+ b)`` of both models (each in its own dtype, into buffers reused from
-  chunk to chunk) go through ``tdpo_ext::token_stats``; only the per-token statistics
-  are kept.
-- ``tdpo_ext::fused_linear_token_stats_backward``: for each block of tokens (up to 4096)
-  and each tile of the vocabulary, the policy logits are recomputed (and the reference
-  logits only for tokens whose ``token_kl`` gradient is nonzero: none for DPO, the rejected
-  rows only for TDPO2); the saved logsumexps turn them into the tile's probabilities and
-  logits gradient ``a (onehot(y) - p) + b (p - q)``, and two matmuls into the tile's rows of
-  the weight gradient and the block's hidden-state gradient. Walking the vocabulary in
-  tiles (rather than all of it per small chunk of tokens) reads each weight tile once per
-  block, and the weight gradient's matmul runs over the whole block (_backward_tiles).
+- ``tdpo_ext::fused_linear_token_stats``: for each block, the logits tile
+  ``hidden @ W[v0:v1].T (+ b)`` of both models (each in its own dtype, into buffers reused
+  from tile to tile) is folded into the block's softmax states by the C++/CUDA op
+  ``token_stats_tile``; ``token_stats_finish`` turns the states of whole rows into the
+  per-token statistics, which are all that is kept.
+- ``tdpo_ext::fused_linear_token_stats_backward``: for each block and tile, the policy
+  logits are recomputed (and the reference logits only for tokens whose ``token_kl``
+  gradient is nonzero: none for DPO, the rejected rows only for TDPO2); the C++/CUDA op
+  ``token_stats_backward`` turns them, with the saved logsumexps, into the tile's logits
+  gradient ``a (onehot(y) - p) + b (p - q)``, and two matmuls into the tile's rows of the
+  weight gradient and the block's hidden-state gradient.
 
 Masked tokens (prompt, padding) are gathered out first, so they cost neither memory nor
 matmul work. The row reduction and the pairwise loss are those of tdpo_loss
@@ -34,7 +35,7 @@ from .ops import (TDPOOutput, _check_hyper, _check_labels, pairwise_output, redu
 
 __all__ = ["fused_linear_tdpo_loss", "auto_chunk_size", "lm_head_of", "CHUNK_BUDGET_BYTES"]
 
-# Bytes that one chunk's working set may take, per device type (see auto_chunk_size).
+# Bytes that the working set of one step may take, per device type (see auto_chunk_size).
 CHUNK_BUDGET_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
 _DEFAULT_BUDGET = 64 << 20
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -54,10 +55,11 @@ def auto_chunk_size(vocab: int, policy_hidden_size: int, ref_hidden_size: Option
         per_token = V * (2 p + r) + 2 * (H_pol p + H_ref r)      (p, r: itemsizes)
         chunk = max(1, budget // per_token), rounded down to a multiple of 8 if >= 8
 
-    The forward holds two (chunk, V) logits buffers and the gathered hidden rows, within
-    chunk * per_token bytes; the backward sizes its token blocks and vocabulary tiles to
-    the same bytes (_backward_tiles). The rule depends on V, H and the dtypes only, never
-    on N * T: the extra memory is bounded whatever the batch."""
+    chunk * per_token bytes is what chunk tokens' whole logits rows (and hidden rows)
+    would take; the forward and backward size their token blocks and vocabulary tiles to
+    those bytes (_forward_tiles, _backward_tiles), whatever their shape. The rule depends
+    on V, H and the dtypes only, never on N * T: the extra memory is bounded whatever the
+    batch."""
     ref_hidden_size = policy_hidden_size if ref_hidden_size is None else ref_hidden_size
     ref_dtype = policy_dtype if ref_dtype is None else ref_dtype
     p, r = _itemsize(policy_dtype), _itemsize(ref_dtype)
@@ -76,45 +78,48 @@ def _chunk_for(chunk_size: int, n_tokens: int, policy_weight: Tensor, ref_weight
     return max(1, min(chunk_size, n_tokens))
 
 
-def _chunk_buffers(rows: int, vocab: int, dtypes, device) -> list[Tensor]:
-    """(rows, V) buffers of the given dtypes, carved from one allocation. One block,
-    rather than one per buffer, is large enough (>= 32 MiB at the shapes where memory
-    matters) that glibc maps it afresh and gives it back when freed, instead of keeping
-    it in its heap, where the freed blocks of one phase may not fit the next (its
-    adaptive mmap threshold otherwise moves every block under 32 MiB into the heap)."""
-    sizes = [rows * vocab * _itemsize(d) for d in dtypes]
+def _tile_buffers(elements: int, dtypes, device) -> list[Tensor]:
+    """Flat buffers of `elements` values of each dtype, carved from one allocation, for
+    the logits tiles that every (block, tile) step rewrites. One block, rather than one
+    per buffer, is large enough (>= 32 MiB at the shapes where memory matters) that glibc
+    maps it afresh and gives it back when freed, instead of keeping it in its heap, where
+    the freed blocks of one phase may not fit the next (its adaptive mmap threshold
+    otherwise moves every block under 32 MiB into the heap)."""
+    sizes = [elements * _itemsize(d) for d in dtypes]
     offsets = [0]
     for size in sizes:
         offsets.append(offsets[-1] + (size + 63) // 64 * 64)
     block = torch.empty(offsets[-1], dtype=torch.uint8, device=device)
-    return [block[o:o + n].view(d).view(rows, vocab)
-            for o, n, d in zip(offsets, sizes, dtypes)]
+    return [block[o:o + n].view(d) for o, n, d in zip(offsets, sizes, dtypes)]
 
 
-def _linear_into(buffer: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
-    """hidden @ weight.T + bias into the first rows of a preallocated (C, V) buffer, as a
-    (1, rows, V) tensor: the chunks reuse one allocation instead of a fresh one each."""
-    out = buffer[:hidden.shape[0]]
+def _logits_tile(buffer: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                 v0: int, v1: int) -> Tensor:
+    """The logits of vocabulary columns [v0, v1), hidden @ weight[v0:v1].T + bias[v0:v1],
+    written into the front of a flat preallocated buffer, as (1, rows, v1 - v0): the
+    (N, T, V) layout the token-stats ops take, one batch row of tokens."""
+    out = buffer[:hidden.shape[0] * (v1 - v0)].view(hidden.shape[0], v1 - v0)
     if bias is None:
-        torch.mm(hidden, weight.t(), out=out)
+        torch.mm(hidden, weight[v0:v1].t(), out=out)
     else:
-        torch.addmm(bias, hidden, weight.t(), out=out)
+        torch.addmm(bias[v0:v1], hidden, weight[v0:v1].t(), out=out)
     return out.unsqueeze(0)
 
 
-def _backward_tiles(chunk: int, n_tokens: int, policy_weight: Tensor, ref_weight: Tensor):
-    """(tokens per block, vocabulary columns per tile) of the backward, within the bytes
-    of one chunk (auto_chunk_size's per_token * chunk). A block holds its gathered hidden
-    rows of both models and a float32 accumulator of its hidden-state gradient; a tile
-    holds the logits of both models over (block, tile) and their float32 working copies.
-    Blocks are as long as 4096 tokens where the budget allows, so that each weight tile is
-    read once per block and the weight gradient's matmul has a long inner dimension."""
+def _budget(chunk: int, policy_weight: Tensor, ref_weight: Tensor) -> int:
+    """The bytes one step may hold: those of `chunk` tokens' full rows (auto_chunk_size's
+    per_token * chunk)."""
     (vocab, h_pol), h_ref = policy_weight.shape, ref_weight.shape[1]
     p, r = _itemsize(policy_weight.dtype), _itemsize(ref_weight.dtype)
-    budget = chunk * (vocab * (2 * p + r) + 2 * (h_pol * p + h_ref * r))
-    # float32 p and q, plus the narrower logits they come from and the rounded gradient
-    per_element = 8 + (2 * p if p != 4 else 0) + (r if r != 4 else 0)
-    per_row = h_pol * (p + 4) + h_ref * r
+    return chunk * (vocab * (2 * p + r) + 2 * (h_pol * p + h_ref * r))
+
+
+def _tiles(budget: int, n_tokens: int, vocab: int, per_row: int, per_element: int):
+    """(tokens per block, vocabulary columns per tile) within `budget` bytes, given the
+    bytes each token of a block holds (per_row) and each (token, column) element of a
+    tile (per_element). Blocks are as long as 4096 tokens where the budget allows, so that
+    each weight tile is read once per block and the matmuls have long dimensions; a block
+    halves until its tiles are at least 256 columns wide (or the whole vocabulary)."""
     block = min(n_tokens, 4096)
     while True:
         tile = (budget - block * per_row) // (block * per_element)
@@ -123,10 +128,24 @@ def _backward_tiles(chunk: int, n_tokens: int, policy_weight: Tensor, ref_weight
         block = max(1, block // 2)
 
 
-def _logits_tile(hidden: Tensor, weight_tile: Tensor, bias: Optional[Tensor], v0: int,
-                 v1: int) -> Tensor:
-    """The logits of vocabulary columns [v0, v1): hidden @ weight_tile.T + bias[v0:v1]."""
-    return F.linear(hidden, weight_tile, None if bias is None else bias[v0:v1])
+def _forward_tiles(chunk: int, n_tokens: int, policy_weight: Tensor, ref_weight: Tensor):
+    """A forward step holds the block's gathered hidden rows of both models and its
+    softmax states, and a tile of each model's logits."""
+    (vocab, h_pol), h_ref = policy_weight.shape, ref_weight.shape[1]
+    p, r = _itemsize(policy_weight.dtype), _itemsize(ref_weight.dtype)
+    per_row = h_pol * p + h_ref * r + 64
+    return _tiles(_budget(chunk, policy_weight, ref_weight), n_tokens, vocab, per_row, p + r)
+
+
+def _backward_tiles(chunk: int, n_tokens: int, policy_weight: Tensor, ref_weight: Tensor):
+    """A backward step holds the block's gathered hidden rows of both models, a float32
+    accumulator of its hidden-state gradient and one product to add to it; and a tile of
+    each model's logits and of the logits gradient."""
+    (vocab, h_pol), h_ref = policy_weight.shape, ref_weight.shape[1]
+    p, r = _itemsize(policy_weight.dtype), _itemsize(ref_weight.dtype)
+    per_row = h_pol * (2 * p + 4) + h_ref * r
+    return _tiles(_budget(chunk, policy_weight, ref_weight), n_tokens, vocab, per_row,
+                  2 * p + r)
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,7 +153,8 @@ def _logits_tile(hidden: Tensor, weight_tile: Tensor, bias: Optional[Tensor], v0
 
 def _check_targets_in_vocab(targets_flat: Tensor, idx: Tensor, vocab: int, seq_len: int):
     """A clear error, with the label's place in the batch, for an unmasked label outside
-    the vocabulary (the C++ kernels would name a position inside a chunk)."""
+    the vocabulary (the tiled ops cannot check labels, and the whole-row kernel would
+    name a position inside a block)."""
     t = targets_flat.index_select(0, idx)
     bad = (t < 0) | (t >= vocab)
     if bool(bad.any()):
@@ -153,7 +173,7 @@ def _fused_linear_token_stats(policy_hidden: Tensor, policy_weight: Tensor,
                               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-token (logp_pol, logp_ref, token_kl, lse_pol, lse_ref), each float32 shaped
     like targets (N, T) (already shifted), 0 where masked: token_stats of the logits
-    hidden @ weight.T + bias of each model, computed chunk by chunk."""
+    hidden @ weight.T + bias of each model, computed block by block and tile by tile."""
     seq_len = targets.shape[-1]
     tgt = targets.reshape(-1)
     hp = policy_hidden.reshape(-1, policy_hidden.shape[-1])
@@ -162,18 +182,27 @@ def _fused_linear_token_stats(policy_hidden: Tensor, policy_weight: Tensor,
             for _ in range(5)]
     flat_outs = [o.view(-1) for o in outs]
     idx = (tgt != ignore_index).nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return tuple(outs)
     vocab = policy_weight.shape[0]
     _check_targets_in_vocab(tgt, idx, vocab, seq_len)
     chunk = _chunk_for(chunk_size, idx.numel(), policy_weight, ref_weight)
-    pol_buf, ref_buf = _chunk_buffers(chunk, vocab, (policy_hidden.dtype, ref_hidden.dtype),
-                                      policy_hidden.device)
+    block, tile = _forward_tiles(chunk, idx.numel(), policy_weight, ref_weight)
+    pol_buf, ref_buf = _tile_buffers(block * tile, (policy_hidden.dtype, ref_hidden.dtype),
+                                     policy_hidden.device)
     with torch.autocast(policy_hidden.device.type, enabled=False):
-        for start in range(0, idx.numel(), chunk):
-            i = idx[start:start + chunk]
-            pol = _linear_into(pol_buf, hp.index_select(0, i), policy_weight, policy_bias)
-            ref = _linear_into(ref_buf, hr.index_select(0, i), ref_weight, ref_bias)
-            stats = torch.ops.tdpo_ext.token_stats(pol, ref, tgt.index_select(0, i).unsqueeze(0),
-                                                   ignore_index)
+        for start in range(0, idx.numel(), block):
+            i = idx[start:start + block]
+            h_pol, h_ref = hp.index_select(0, i), hr.index_select(0, i)
+            y = tgt.index_select(0, i).unsqueeze(0)
+            state = None
+            for v0 in range(0, vocab, tile):
+                v1 = min(vocab, v0 + tile)
+                state = torch.ops.tdpo_ext.token_stats_tile(
+                    _logits_tile(pol_buf, h_pol, policy_weight, policy_bias, v0, v1),
+                    _logits_tile(ref_buf, h_ref, ref_weight, ref_bias, v0, v1),
+                    y, ignore_index, v0, state)
+            stats = torch.ops.tdpo_ext.token_stats_finish(state, y, ignore_index)
             for out, stat in zip(flat_outs, stats):
                 out.index_copy_(0, i, stat[0])
     return tuple(outs)
@@ -205,7 +234,7 @@ def _fused_linear_token_stats_backward(
 
     grad_hidden = (torch.zeros_like(hp) if need_hidden
                    else policy_hidden.new_empty(0))
-    # The weight gradient is accumulated in place, chunk after chunk, in the weight's dtype.
+    # The weight gradient is accumulated in place, tile after tile, in the weight's dtype.
     grad_weight = (torch.zeros_like(policy_weight) if need_weight
                    else policy_weight.new_empty(0))
     grad_bias = (torch.zeros(vocab, dtype=torch.float32, device=dev) if need_bias
@@ -214,52 +243,49 @@ def _fused_linear_token_stats_backward(
         return grad_hidden, grad_weight, grad_bias
 
     # Tokens with a zero gradient (masked ones, and e.g. pairs whose loss gets none)
-    # contribute nothing; tokens whose KL gradient is 0 need no reference logits.
-    active = ((tgt != ignore_index) & ((g_lp != 0) | (g_kl != 0))).nonzero().squeeze(1)
-    if active.numel() == 0:
+    # contribute nothing. Those whose KL gradient is 0 (TDPO2's chosen rows; all, for DPO)
+    # need no reference logits: they form blocks of their own, which pass the policy
+    # logits as the reference ones (token_stats_backward never reads the reference row of
+    # a token whose KL gradient is 0).
+    useful = (tgt != ignore_index) & ((g_lp != 0) | (g_kl != 0))
+    groups = [(((g_kl != 0) & useful).nonzero().squeeze(1), True),
+              (((g_kl == 0) & useful).nonzero().squeeze(1), False)]
+    n_active = sum(int(tokens.numel()) for tokens, _ in groups)
+    if n_active == 0:
         return _finish_grads(grad_hidden, grad_weight, grad_bias, policy_hidden, policy_bias,
                              policy_weight, need_hidden, need_bias)
-    chunk = _chunk_for(chunk_size, active.numel(), policy_weight, ref_weight)
-    block, tile = _backward_tiles(chunk, active.numel(), policy_weight, ref_weight)
-    dtype = policy_weight.dtype
+    chunk = _chunk_for(chunk_size, n_active, policy_weight, ref_weight)
+    # Blocks and tiles are cut for each group's size, buffers for the largest cut.
+    cuts = [_backward_tiles(chunk, max(1, tokens.numel()), policy_weight, ref_weight)
+            for tokens, _ in groups]
+    pol_buf, ref_buf = _tile_buffers(max(block * tile for block, tile in cuts),
+                                     (policy_hidden.dtype, ref_hidden.dtype), dev)
     with torch.autocast(dev.type, enabled=False):
-        for start in range(0, active.numel(), block):
-            i = active[start:start + block]
-            h, y = hp.index_select(0, i), tgt.index_select(0, i)
-            a, b = g_lp.index_select(0, i), g_kl.index_select(0, i)
-            kl = (b != 0).nonzero().squeeze(1)  # positions in the block that need q
-            i_kl = i.index_select(0, kl)
-            hk = hr.index_select(0, i_kl)
-            lse_p_i = lse_p.index_select(0, i).unsqueeze(1)
-            lse_r_k = lse_r.index_select(0, i_kl).unsqueeze(1)
-            # grad = a (onehot(y) - p) + b (p - q) = (b - a) p - b q + a onehot(y)
-            coef_p, coef_q = (b - a).unsqueeze(1), b.index_select(0, kl).unsqueeze(1)
-            grad_h_block = torch.zeros(h.shape, dtype=torch.float32, device=dev) \
-                if need_hidden else None
-            for v0 in range(0, vocab, tile):
-                v1 = min(vocab, v0 + tile)
-                w = policy_weight[v0:v1]
-                g = _logits_tile(h, w, policy_bias, v0, v1).float()
-                g.sub_(lse_p_i).exp_().mul_(coef_p)
-                if kl.numel():
-                    q = _logits_tile(hk, ref_weight[v0:v1], ref_bias, v0, v1).float()
-                    g.index_add_(0, kl, q.sub_(lse_r_k).exp_().mul_(coef_q), alpha=-1)
-                    del q
-                label_rows = ((y >= v0) & (y < v1)).nonzero().squeeze(1)
-                g.index_put_((label_rows, y.index_select(0, label_rows) - v0),
-                             a.index_select(0, label_rows), accumulate=True)
-                if need_bias:
-                    grad_bias[v0:v1] += g.sum(0)
-                # Rounded once to the policy dtype, as the logits gradient of the
-                # materialized path is, before the matmuls.
-                g = g.to(dtype)
-                if need_weight:
-                    grad_weight[v0:v1].addmm_(g.t(), h)
+        for (tokens, need_ref), (block, tile) in zip(groups, cuts):
+            for start in range(0, tokens.numel(), block):
+                i = tokens[start:start + block]
+                h = hp.index_select(0, i)
+                h_ref = hr.index_select(0, i) if need_ref else None
+                a, b, y, lse_p_i, lse_r_i = (t.index_select(0, i).unsqueeze(0)
+                                             for t in (g_lp, g_kl, tgt, lse_p, lse_r))
+                grad_h_block = (torch.zeros(h.shape, dtype=torch.float32, device=dev)
+                                if need_hidden else None)
+                for v0 in range(0, vocab, tile):
+                    v1 = min(vocab, v0 + tile)
+                    pol = _logits_tile(pol_buf, h, policy_weight, policy_bias, v0, v1)
+                    ref = (_logits_tile(ref_buf, h_ref, ref_weight, ref_bias, v0, v1)
+                           if need_ref else pol)
+                    g = torch.ops.tdpo_ext.token_stats_backward(
+                        a, b, pol, ref, y, lse_p_i, lse_r_i, ignore_index, v0)[0]
+                    if need_bias:
+                        grad_bias[v0:v1] += g.sum(0, dtype=torch.float32)
+                    if need_weight:
+                        grad_weight[v0:v1].addmm_(g.t(), h)
+                    if need_hidden:
+                        grad_h_block += torch.mm(g, policy_weight[v0:v1])
+                    del g
                 if need_hidden:
-                    grad_h_block += torch.mm(g, w).float()
-                del g
-            if need_hidden:
-                grad_hidden.index_copy_(0, i, grad_h_block.to(grad_hidden.dtype))
+                    grad_hidden.index_copy_(0, i, grad_h_block.to(grad_hidden.dtype))
     return _finish_grads(grad_hidden, grad_weight, grad_bias, policy_hidden, policy_bias,
                          policy_weight, need_hidden, need_bias)
 
@@ -366,8 +392,9 @@ def fused_linear_tdpo_loss(policy_hidden: Tensor, policy_weight: Tensor, ref_hid
                            alpha: float = 0.5, variant: str = "tdpo2", ignore_index: int = -100,
                            average_log_prob: bool = False,
                            chunk_size: Optional[int] = None) -> TDPOOutput:
-    """tdpo_loss of the logits ``hidden @ weight.T + bias`` of each model, computed chunk
-    by chunk of tokens so that neither (N, T, V) logits tensor ever exists.
+    """tdpo_loss of the logits ``hidden @ weight.T + bias`` of each model, computed a
+    block of tokens by a tile of vocabulary columns at a time, so that neither (N, T, V)
+    logits tensor ever exists.
 
     Args:
         policy_hidden, ref_hidden: (N, T, H_pol) and (N, T, H_ref) final hidden states
@@ -379,8 +406,10 @@ def fused_linear_tdpo_loss(policy_hidden: Tensor, policy_weight: Tensor, ref_hid
             the hidden state at t predicts labels at t + 1; ``ignore_index`` masks.
         policy_bias, ref_bias: optional (V,) LM-head biases.
         beta, alpha, variant, ignore_index, average_log_prob: as for tdpo_loss.
-        chunk_size: tokens per chunk; None picks auto_chunk_size(V, H, ...), which bounds
-            the extra memory by a fixed budget whatever N * T.
+        chunk_size: the working memory, as a number of tokens whose whole logits rows
+            it would hold (blocks and tiles are cut to those bytes); None picks
+            auto_chunk_size(V, H, ...), which bounds the extra memory by a fixed budget
+            whatever N * T.
 
     Returns:
         TDPOOutput, equal to tdpo_loss on the materialized logits up to float32 rounding.

@@ -37,10 +37,29 @@ def _token_stats_fake(policy_logits, ref_logits, targets, ignore_index):
 
 @torch.library.register_fake("tdpo_ext::token_stats_backward")
 def _token_stats_backward_fake(grad_logp_pol, grad_token_kl, policy_logits, ref_logits,
-                               targets, lse_pol, lse_ref, ignore_index):
+                               targets, lse_pol, lse_ref, ignore_index, vocab_start=0):
     _check_one_device(policy_logits=policy_logits, ref_logits=ref_logits, labels=targets,
                       grad_logp_pol=grad_logp_pol, grad_token_kl=grad_token_kl)
     return policy_logits.new_empty(policy_logits.shape)
+
+
+# tdpo_ext::token_stats_tile and token_stats_finish: token_stats over rows that arrive in
+# tiles of vocabulary columns (used inside the fused LM-head ops, fused_linear.py; no
+# autograd: the fused ops have their own backward).
+TILE_STATE_FLOATS = 7  # kTileStateFloats in csrc/tdpo_math.h
+
+
+@torch.library.register_fake("tdpo_ext::token_stats_tile")
+def _token_stats_tile_fake(policy_logits, ref_logits, targets, ignore_index, vocab_start,
+                           state):
+    _check_one_device(policy_logits=policy_logits, ref_logits=ref_logits, labels=targets)
+    return policy_logits.new_empty((*targets.shape, TILE_STATE_FLOATS), dtype=torch.float32)
+
+
+@torch.library.register_fake("tdpo_ext::token_stats_finish")
+def _token_stats_finish_fake(state, targets, ignore_index):
+    _check_one_device(state=state, labels=targets)
+    return tuple(state.new_empty(targets.shape) for _ in range(5))
 
 
 def _token_stats_setup_context(ctx, inputs, output):

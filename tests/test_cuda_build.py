@@ -10,7 +10,8 @@ import torch
 
 import tdpo_ext
 
-OPS = ("token_stats", "token_stats_backward", "preference_loss", "preference_loss_backward")
+OPS = ("token_stats", "token_stats_tile", "token_stats_finish", "token_stats_backward",
+       "preference_loss", "preference_loss_backward")
 
 
 def _cuda_build_expected():

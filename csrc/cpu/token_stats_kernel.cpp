@@ -102,6 +102,16 @@ SoftmaxPairState chunk_state(const P* x, const R* r, int64_t len) {
   return s;
 }
 
+// The softmax state of a whole row (or tile) of len columns, walked in L1-sized chunks.
+template <typename P, typename R>
+SoftmaxPairState row_state(const P* x, const R* r, int64_t len) {
+  SoftmaxPairState state = empty_state();
+  for (int64_t c = 0; c < len; c += kChunk) {
+    state = merge_states(state, chunk_state(x + c, r + c, std::min(kChunk, len - c)));
+  }
+  return state;
+}
+
 inline int64_t checked_target(const int64_t* targets, int64_t n, int64_t t, int64_t stride_n,
                               int64_t stride_t, int64_t vocab, int64_t ignore_index) {
   const int64_t y = targets[n * stride_n + t * stride_t];
@@ -114,18 +124,11 @@ inline int64_t grain_for(int64_t vocab) { return std::max<int64_t>(1, 32768 / vo
 
 template <typename P, typename R>
 void forward_impl(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
-                  const at::Tensor& targets, int64_t ignore_index, at::Tensor& logp_pol,
-                  at::Tensor& logp_ref, at::Tensor& token_kl, at::Tensor& lse_pol,
-                  at::Tensor& lse_ref) {
+                  const at::Tensor& targets, int64_t ignore_index, const TokenStatsOut& out) {
   const int64_t T = policy_logits.size(1), V = policy_logits.size(2);
   const P* pol = policy_logits.data_ptr<P>();
   const R* ref = ref_logits.data_ptr<R>();
   const int64_t* tgt = targets.data_ptr<int64_t>();
-  float* out_logp_pol = logp_pol.data_ptr<float>();
-  float* out_logp_ref = logp_ref.data_ptr<float>();
-  float* out_kl = token_kl.data_ptr<float>();
-  float* out_lse_pol = lse_pol.data_ptr<float>();
-  float* out_lse_ref = lse_ref.data_ptr<float>();
 
   at::parallel_for(0, policy_logits.size(0) * T, grain_for(V), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -133,22 +136,43 @@ void forward_impl(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
       const int64_t y = checked_target(tgt, n, t, targets.stride(0), targets.stride(1), V,
                                        ignore_index);
       if (y == ignore_index) {
-        out_logp_pol[i] = out_logp_ref[i] = out_kl[i] = out_lse_pol[i] = out_lse_ref[i] = 0.f;
+        out.write_masked(i);
         continue;
       }
       const P* x = pol + n * policy_logits.stride(0) + t * policy_logits.stride(1);
       const R* r = ref + n * ref_logits.stride(0) + t * ref_logits.stride(1);
-      SoftmaxPairState state = empty_state();
-      for (int64_t c = 0; c < V; c += kChunk) {
-        state = merge_states(state, chunk_state(x + c, r + c, std::min(kChunk, V - c)));
+      out.write(i, finish_token_stats(row_state(x, r, V), static_cast<float>(x[y]),
+                                      static_cast<float>(r[y])));
+    }
+  });
+}
+
+// Folds the tile of columns [vocab_start, vocab_start + V) into each unmasked token's
+// state (state_in, or an empty state where it is null), writing state_out. Labels are
+// not checked: a tile cannot tell a label beyond it from one beyond the vocabulary.
+template <typename P, typename R>
+void tile_impl(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
+               const at::Tensor& targets, int64_t ignore_index, int64_t vocab_start,
+               const float* state_in, float* state_out) {
+  const int64_t T = policy_logits.size(1), V = policy_logits.size(2);
+  const P* pol = policy_logits.data_ptr<P>();
+  const R* ref = ref_logits.data_ptr<R>();
+  const int64_t* tgt = targets.data_ptr<int64_t>();
+
+  at::parallel_for(0, policy_logits.size(0) * T, grain_for(V), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / T, t = i % T;
+      const int64_t y = tgt[n * targets.stride(0) + t * targets.stride(1)];
+      float* out = state_out + i * kTileStateFloats;
+      if (y == ignore_index) {
+        store_tile_state(out, masked_tile_state());
+        continue;
       }
-      const TokenStats s =
-          finish_token_stats(state, static_cast<float>(x[y]), static_cast<float>(r[y]));
-      out_logp_pol[i] = s.logp_pol;
-      out_logp_ref[i] = s.logp_ref;
-      out_kl[i] = s.token_kl;
-      out_lse_pol[i] = s.lse_pol;
-      out_lse_ref[i] = s.lse_ref;
+      const P* x = pol + n * policy_logits.stride(0) + t * policy_logits.stride(1);
+      const R* r = ref + n * ref_logits.stride(0) + t * ref_logits.stride(1);
+      const TokenTileState before =
+          state_in ? load_tile_state(state_in + i * kTileStateFloats) : empty_tile_state();
+      store_tile_state(out, fold_tile(before, row_state(x, r, V), x, r, y - vocab_start, V));
     }
   });
 }
@@ -172,11 +196,14 @@ void write_grad_row(P* out, const P* x, const R* r, int64_t V, float lse_x, floa
   }
 }
 
+// The gradient of columns [vocab_start, vocab_start + V) of each row, whose logsumexps
+// lse_pol and lse_ref are those of the whole rows; the label's onehot term goes to the
+// tile holding it. Labels are not checked here: the forward has (autograd saved them).
 template <typename P, typename R>
 void backward_impl(const at::Tensor& grad_logp_pol, const at::Tensor& grad_token_kl,
                    const at::Tensor& policy_logits, const at::Tensor& ref_logits,
                    const at::Tensor& targets, const at::Tensor& lse_pol,
-                   const at::Tensor& lse_ref, int64_t ignore_index,
+                   const at::Tensor& lse_ref, int64_t ignore_index, int64_t vocab_start,
                    at::Tensor& grad_policy_logits) {
   const int64_t T = policy_logits.size(1), V = policy_logits.size(2);
   const P* pol = policy_logits.data_ptr<P>();
@@ -192,8 +219,7 @@ void backward_impl(const at::Tensor& grad_logp_pol, const at::Tensor& grad_token
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / T, t = i % T;
       P* out = grad + i * V;
-      const int64_t y = checked_target(tgt, n, t, targets.stride(0), targets.stride(1), V,
-                                       ignore_index);
+      const int64_t y = tgt[n * targets.stride(0) + t * targets.stride(1)];
       if (y == ignore_index) {
         std::fill(out, out + V, P(0));
         continue;
@@ -201,15 +227,18 @@ void backward_impl(const at::Tensor& grad_logp_pol, const at::Tensor& grad_token
       const P* x = pol + n * policy_logits.stride(0) + t * policy_logits.stride(1);
       const R* r = ref + n * ref_logits.stride(0) + t * ref_logits.stride(1);
       const TokenGradCoefs c = token_grad_coefs(g_logp[i], g_kl[i]);
-      if (c.coef_ref != 0.f) {
+      const bool read_ref = c.coef_ref != 0.f;
+      if (read_ref) {
         write_grad_row<P, R, true>(out, x, r, V, lse_x[i], lse_r[i], c);
       } else {
         write_grad_row<P, R, false>(out, x, r, V, lse_x[i], lse_r[i], c);
       }
+      const int64_t label_col = y - vocab_start;
+      if (label_col < 0 || label_col >= V) continue;
       // The label element, recomputed in float so that it is rounded once.
-      const float p_y = std::exp(static_cast<float>(x[y]) - lse_x[i]);
-      const float q_y = std::exp(static_cast<float>(r[y]) - lse_r[i]);
-      out[y] = static_cast<P>(token_grad_element(c, p_y, q_y) + c.label_bonus);
+      const float p_y = std::exp(static_cast<float>(x[label_col]) - lse_x[i]);
+      const float q_y = read_ref ? std::exp(static_cast<float>(r[label_col]) - lse_r[i]) : 0.f;
+      out[label_col] = static_cast<P>(token_grad_element(c, p_y, q_y) + c.label_bonus);
     }
   });
 }
@@ -217,14 +246,23 @@ void backward_impl(const at::Tensor& grad_logp_pol, const at::Tensor& grad_token
 }  // namespace
 
 void token_stats_kernel(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
-                        const at::Tensor& targets, int64_t ignore_index, at::Tensor& logp_pol,
-                        at::Tensor& logp_ref, at::Tensor& token_kl, at::Tensor& lse_pol,
-                        at::Tensor& lse_ref) {
+                        const at::Tensor& targets, int64_t ignore_index,
+                        const TokenStatsOut& out) {
   TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
                             "tdpo_ext::token_stats", [&] {
                               forward_impl<policy_t, ref_t>(policy_logits, ref_logits, targets,
-                                                            ignore_index, logp_pol, logp_ref,
-                                                            token_kl, lse_pol, lse_ref);
+                                                            ignore_index, out);
+                            });
+}
+
+void token_stats_tile_kernel(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
+                             const at::Tensor& targets, int64_t ignore_index,
+                             int64_t vocab_start, const float* state_in, float* state_out) {
+  TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
+                            "tdpo_ext::token_stats_tile", [&] {
+                              tile_impl<policy_t, ref_t>(policy_logits, ref_logits, targets,
+                                                         ignore_index, vocab_start, state_in,
+                                                         state_out);
                             });
 }
 
@@ -233,12 +271,13 @@ void token_stats_backward_kernel(const at::Tensor& grad_logp_pol,
                                  const at::Tensor& policy_logits, const at::Tensor& ref_logits,
                                  const at::Tensor& targets, const at::Tensor& lse_pol,
                                  const at::Tensor& lse_ref, int64_t ignore_index,
-                                 at::Tensor& grad_policy_logits) {
+                                 int64_t vocab_start, at::Tensor& grad_policy_logits) {
   TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
                             "tdpo_ext::token_stats_backward", [&] {
                               backward_impl<policy_t, ref_t>(
                                   grad_logp_pol, grad_token_kl, policy_logits, ref_logits,
-                                  targets, lse_pol, lse_ref, ignore_index, grad_policy_logits);
+                                  targets, lse_pol, lse_ref, ignore_index, vocab_start,
+                                  grad_policy_logits);
                             });
 }
 

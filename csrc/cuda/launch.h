@@ -22,18 +22,30 @@ namespace tdpo_ext::cuda {
 // ignore_index.
 cudaError_t launch_token_stats(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
                                const at::Tensor& targets, int64_t ignore_index,
-                               const at::Tensor& logp_pol, const at::Tensor& logp_ref,
-                               const at::Tensor& token_kl, const at::Tensor& lse_pol,
-                               const at::Tensor& lse_ref, const at::Tensor& first_bad_row);
+                               const TokenStatsOut& out, const at::Tensor& first_bad_row);
+
+// token_stats_tile: folds the tile of columns [vocab_start, vocab_start + V) into each
+// token's state: state_in (null for the first tile) and state_out are (N, T,
+// kTileStateFloats) float32, contiguous.
+cudaError_t launch_token_stats_tile(const at::Tensor& policy_logits,
+                                    const at::Tensor& ref_logits, const at::Tensor& targets,
+                                    int64_t ignore_index, int64_t vocab_start,
+                                    const float* state_in, float* state_out);
+
+// token_stats_finish: the five outputs from the contiguous state of whole rows.
+cudaError_t launch_token_stats_finish(const at::Tensor& state, const at::Tensor& targets,
+                                      int64_t ignore_index, const TokenStatsOut& out);
 
 // token_stats_backward: writes grad (policy_logits' shape and dtype, contiguous) from
-// dense float32 (N, T) upstream gradients and saved logsumexps.
+// dense float32 (N, T) upstream gradients and saved logsumexps; the logits are the
+// columns [vocab_start, vocab_start + V) of their rows.
 cudaError_t launch_token_stats_backward(const at::Tensor& grad_logp_pol,
                                         const at::Tensor& grad_token_kl,
                                         const at::Tensor& policy_logits,
                                         const at::Tensor& ref_logits, const at::Tensor& targets,
                                         const at::Tensor& lse_pol, const at::Tensor& lse_ref,
-                                        int64_t ignore_index, const at::Tensor& grad);
+                                        int64_t ignore_index, int64_t vocab_start,
+                                        const at::Tensor& grad);
 
 // The pairwise loss over in.pairs pairs (PairArgs, tdpo_math.h).
 cudaError_t launch_preference_loss(const PairArgs& in, float* losses, float* chosen_rewards,

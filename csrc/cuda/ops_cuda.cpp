@@ -1,4 +1,4 @@
-// The CUDA implementations of the four tdpo_ext ops: validation, device guard, output
+// The CUDA implementations of the tdpo_ext ops: validation, device guard, output
 // allocation and errors here, compiled by the host C++ compiler; the kernels and their
 // launchers are in token_stats.cu and preference_loss.cu (launch.h says why the split).
 #include <ATen/core/Tensor.h>
@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <string_view>
 #include <tuple>
 
@@ -24,14 +25,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_sta
   const c10::cuda::CUDAGuard guard(policy_logits_in.device());
   const at::Tensor policy_logits = with_unit_vocab_stride(policy_logits_in);
   const at::Tensor ref_logits = with_unit_vocab_stride(ref_logits_in);
-  at::Tensor logp_pol, logp_ref, token_kl, lse_pol, lse_ref;
-  std::tie(logp_pol, logp_ref, token_kl, lse_pol, lse_ref) =
-      empty_token_stats(policy_logits, targets);
-  if (targets.numel() == 0) return {logp_pol, logp_ref, token_kl, lse_pol, lse_ref};
+  const auto outputs = empty_token_stats(policy_logits, targets);
+  if (targets.numel() == 0) return outputs;
 
   const at::Tensor first_bad_row = at::full({1}, -1, targets.options());
-  C10_CUDA_CHECK(launch_token_stats(policy_logits, ref_logits, targets, ignore_index, logp_pol,
-                                    logp_ref, token_kl, lse_pol, lse_ref, first_bad_row));
+  C10_CUDA_CHECK(launch_token_stats(policy_logits, ref_logits, targets, ignore_index,
+                                    token_stats_out(outputs), first_bad_row));
   // The one device-to-host read and stream synchronization per call (token_stats.cu says
   // what it costs).
   const int64_t bad_row = first_bad_row.item<int64_t>();
@@ -40,7 +39,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_sta
     fail_bad_label(n, t, targets.select(0, n).select(0, t).item<int64_t>(), vocab,
                    ignore_index);
   }
-  return {logp_pol, logp_ref, token_kl, lse_pol, lse_ref};
+  return outputs;
+}
+
+at::Tensor token_stats_tile_cuda(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
+                                 const at::Tensor& targets, int64_t ignore_index,
+                                 int64_t vocab_start, const std::optional<at::Tensor>& state) {
+  const TokenStatsTileInputs in =
+      prepare_token_stats_tile_inputs(policy_logits, ref_logits, targets, vocab_start, state);
+  const c10::cuda::CUDAGuard guard(policy_logits.device());
+  at::Tensor state_out = in.empty_state(targets);
+  if (targets.numel() == 0) return state_out;
+  C10_CUDA_CHECK(launch_token_stats_tile(in.policy_logits, in.ref_logits, targets,
+                                         ignore_index, vocab_start, in.state_in_data(),
+                                         state_out.data_ptr<float>()));
+  return state_out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_stats_finish_cuda(
+    const at::Tensor& state_in, const at::Tensor& targets, int64_t ignore_index) {
+  const at::Tensor state = check_tile_state(state_in, targets);
+  const c10::cuda::CUDAGuard guard(state.device());
+  const auto outputs = empty_token_stats(state, targets);
+  if (targets.numel() == 0) return outputs;
+  C10_CUDA_CHECK(
+      launch_token_stats_finish(state, targets, ignore_index, token_stats_out(outputs)));
+  return outputs;
 }
 
 at::Tensor token_stats_backward_cuda(const at::Tensor& grad_logp_pol,
@@ -48,15 +72,17 @@ at::Tensor token_stats_backward_cuda(const at::Tensor& grad_logp_pol,
                                      const at::Tensor& policy_logits,
                                      const at::Tensor& ref_logits, const at::Tensor& targets,
                                      const at::Tensor& lse_pol, const at::Tensor& lse_ref,
-                                     int64_t ignore_index) {
-  const TokenStatsBackwardInputs in = prepare_token_stats_backward_inputs(
-      grad_logp_pol, grad_token_kl, policy_logits, ref_logits, targets, lse_pol, lse_ref);
+                                     int64_t ignore_index, int64_t vocab_start) {
+  const TokenStatsBackwardInputs in =
+      prepare_token_stats_backward_inputs(grad_logp_pol, grad_token_kl, policy_logits,
+                                          ref_logits, targets, lse_pol, lse_ref, vocab_start);
   const c10::cuda::CUDAGuard guard(policy_logits.device());
   at::Tensor grad = in.empty_grad();
   if (targets.numel() == 0) return grad;
   C10_CUDA_CHECK(launch_token_stats_backward(in.grad_logp_pol, in.grad_token_kl,
                                              in.policy_logits, in.ref_logits, targets,
-                                             in.lse_pol, in.lse_ref, ignore_index, grad));
+                                             in.lse_pol, in.lse_ref, ignore_index, vocab_start,
+                                             grad));
   return grad;
 }
 
@@ -97,6 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_backw
 
 TORCH_LIBRARY_IMPL(tdpo_ext, CUDA, m) {
   m.impl("token_stats", &token_stats_cuda);
+  m.impl("token_stats_tile", &token_stats_tile_cuda);
+  m.impl("token_stats_finish", &token_stats_finish_cuda);
   m.impl("token_stats_backward", &token_stats_backward_cuda);
   m.impl("preference_loss", &preference_loss_cuda);
   m.impl("preference_loss_backward", &preference_loss_backward_cuda);

@@ -1,4 +1,5 @@
-// CUDA kernels of tdpo_ext::token_stats and token_stats_backward and their launchers
+// CUDA kernels of tdpo_ext::token_stats (whole rows, or tiles of columns with
+// token_stats_tile and token_stats_finish) and token_stats_backward and their launchers
 // (launch.h), with the semantics of the CPU kernels (csrc/cpu/token_stats_kernel.cpp):
 // float32 math whatever the logits dtypes, outputs 0 on masked tokens, the gradient
 // contiguous in the policy dtype with zeros on masked tokens. The ops themselves (checks,
@@ -12,8 +13,7 @@
 // before it on the stream has run, so Python can no longer queue work ahead of the GPU
 // across this op, and the op cannot be captured in a CUDA graph. token_stats_backward
 // does not synchronize: it gets the labels that its forward already checked (autograd
-// saves them), and gives an out-of-range label's row a zero gradient instead of raising
-// (the CPU op raises).
+// saves them); neither device checks them there, as a tile of columns cannot.
 //
 // Memory-bound design: each unmasked vocabulary row is read once per direction, in 16-byte
 // vector loads coalesced across the threads of a row, with no (N, T, V) temporaries.
@@ -231,13 +231,29 @@ __device__ __forceinline__ SoftmaxPairState team_merge(SoftmaxPairState s) {
   return s;
 }
 
+// The softmax state of the team's row of `vocab` columns, complete in lane 0.
+template <int kTeam, typename P, typename R>
+__device__ __forceinline__ SoftmaxPairState row_state(const P* x, const R* r, int64_t vocab,
+                                                      int lane) {
+  constexpr int kVec = vec_elems<P, R>();
+  SoftmaxPairState state = empty_state();
+  const RowSplit split = split_row<kVec>(vocab, x, r);
+  if (split.vec_begin == split.vec_end) {
+    fold_strided<kVec * kUnroll, kTeam>(state, x, r, 0, vocab, lane);
+  } else {
+    fold_strided<1, kTeam>(state, x, r, 0, split.vec_begin, lane);
+    fold_vectors<kVec, kTeam>(state, x + split.vec_begin, r + split.vec_begin,
+                              (split.vec_end - split.vec_begin) / kVec, lane);
+    fold_strided<1, kTeam>(state, x, r, split.vec_end, vocab, lane);
+  }
+  return team_merge<kTeam>(state);
+}
+
 template <typename P, typename R, int kTeam>
 __global__ void __launch_bounds__(kBlockThreads)
     token_stats_kernel(const P* __restrict__ policy_logits, const R* __restrict__ ref_logits,
                        const int64_t* __restrict__ targets, RowLayout layout,
-                       int64_t ignore_index, float* __restrict__ logp_pol,
-                       float* __restrict__ logp_ref, float* __restrict__ token_kl,
-                       float* __restrict__ lse_pol, float* __restrict__ lse_ref,
+                       int64_t ignore_index, TokenStatsOut out,
                        unsigned long long* __restrict__ first_bad_row) {
   const TeamPosition<kTeam> pos;
   if (pos.row >= layout.rows) return;
@@ -248,34 +264,62 @@ __global__ void __launch_bounds__(kBlockThreads)
     if (pos.lane == 0) {
       // As unsigned, the host's -1 fill is the largest value: the minimum bad row wins.
       if (!masked) atomicMin(first_bad_row, static_cast<unsigned long long>(pos.row));
-      logp_pol[pos.row] = logp_ref[pos.row] = token_kl[pos.row] = 0.f;
-      lse_pol[pos.row] = lse_ref[pos.row] = 0.f;
+      out.write_masked(pos.row);
     }
     return;
   }
   const P* x = policy_logits + n * layout.pol_stride_n + t * layout.pol_stride_t;
   const R* r = ref_logits + n * layout.ref_stride_n + t * layout.ref_stride_t;
-
-  constexpr int kVec = vec_elems<P, R>();
-  SoftmaxPairState state = empty_state();
-  const RowSplit split = split_row<kVec>(layout.vocab, x, r);
-  if (split.vec_begin == split.vec_end) {
-    fold_strided<kVec * kUnroll, kTeam>(state, x, r, 0, layout.vocab, pos.lane);
-  } else {
-    fold_strided<1, kTeam>(state, x, r, 0, split.vec_begin, pos.lane);
-    fold_vectors<kVec, kTeam>(state, x + split.vec_begin, r + split.vec_begin,
-                              (split.vec_end - split.vec_begin) / kVec, pos.lane);
-    fold_strided<1, kTeam>(state, x, r, split.vec_end, layout.vocab, pos.lane);
-  }
-  state = team_merge<kTeam>(state);
+  const SoftmaxPairState state = row_state<kTeam>(x, r, layout.vocab, pos.lane);
   if (pos.lane == 0) {
-    const TokenStats s =
-        finish_token_stats(state, static_cast<float>(x[y]), static_cast<float>(r[y]));
-    logp_pol[pos.row] = s.logp_pol;
-    logp_ref[pos.row] = s.logp_ref;
-    token_kl[pos.row] = s.token_kl;
-    lse_pol[pos.row] = s.lse_pol;
-    lse_ref[pos.row] = s.lse_ref;
+    out.write(pos.row,
+              finish_token_stats(state, static_cast<float>(x[y]), static_cast<float>(r[y])));
+  }
+}
+
+// The tile of columns [vocab_start, vocab_start + vocab) folded into each token's state
+// (token_stats_tile). Labels are not checked: a tile cannot tell a label beyond it from
+// one beyond the vocabulary.
+template <typename P, typename R, int kTeam>
+__global__ void __launch_bounds__(kBlockThreads)
+    token_stats_tile_kernel(const P* __restrict__ policy_logits,
+                            const R* __restrict__ ref_logits,
+                            const int64_t* __restrict__ targets, RowLayout layout,
+                            int64_t ignore_index, int64_t vocab_start, const float* state_in,
+                            float* state_out) {
+  const TeamPosition<kTeam> pos;
+  if (pos.row >= layout.rows) return;
+  const int64_t n = pos.row / layout.seq_len, t = pos.row % layout.seq_len;
+  const int64_t y = targets[n * layout.tgt_stride_n + t * layout.tgt_stride_t];
+  float* out = state_out + pos.row * kTileStateFloats;
+  if (y == ignore_index) {
+    if (pos.lane == 0) store_tile_state(out, masked_tile_state());
+    return;
+  }
+  const P* x = policy_logits + n * layout.pol_stride_n + t * layout.pol_stride_t;
+  const R* r = ref_logits + n * layout.ref_stride_n + t * layout.ref_stride_t;
+  const SoftmaxPairState tile = row_state<kTeam>(x, r, layout.vocab, pos.lane);
+  if (pos.lane == 0) {
+    const TokenTileState before = state_in != nullptr
+                                      ? load_tile_state(state_in + pos.row * kTileStateFloats)
+                                      : empty_tile_state();
+    store_tile_state(out, fold_tile(before, tile, x, r, y - vocab_start, layout.vocab));
+  }
+}
+
+// token_stats_finish: one thread per token.
+__global__ void __launch_bounds__(kBlockThreads)
+    token_stats_finish_kernel(const float* __restrict__ state,
+                              const int64_t* __restrict__ targets, int64_t rows,
+                              int64_t seq_len, int64_t tgt_stride_n, int64_t tgt_stride_t,
+                              int64_t ignore_index, TokenStatsOut out) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kBlockThreads + threadIdx.x;
+  if (row >= rows) return;
+  const int64_t y = targets[row / seq_len * tgt_stride_n + row % seq_len * tgt_stride_t];
+  if (y == ignore_index) {
+    out.write_masked(row);
+  } else {
+    out.write(row, finish_tile_state(load_tile_state(state + row * kTileStateFloats)));
   }
 }
 
@@ -343,24 +387,27 @@ __global__ void __launch_bounds__(kBlockThreads)
                                 const int64_t* __restrict__ targets,
                                 const float* __restrict__ lse_pol,
                                 const float* __restrict__ lse_ref, RowLayout layout,
-                                int64_t ignore_index, P* __restrict__ grad_policy_logits) {
+                                int64_t ignore_index, int64_t vocab_start,
+                                P* __restrict__ grad_policy_logits) {
   const TeamPosition<kTeam> pos;
   if (pos.row >= layout.rows) return;
   const int64_t n = pos.row / layout.seq_len, t = pos.row % layout.seq_len;
   const int64_t y = targets[n * layout.tgt_stride_n + t * layout.tgt_stride_t];
   P* out = grad_policy_logits + pos.row * layout.vocab;
-  if (y == ignore_index || y < 0 || y >= layout.vocab) {
+  if (y == ignore_index) {
     zero_row<kTeam>(out, layout.vocab, pos.lane);
     return;
   }
   const P* x = policy_logits + n * layout.pol_stride_n + t * layout.pol_stride_t;
   const R* r = ref_logits + n * layout.ref_stride_n + t * layout.ref_stride_t;
   const TokenGradCoefs c = token_grad_coefs(grad_logp_pol[pos.row], grad_token_kl[pos.row]);
+  // The label's column in this tile; outside [0, vocab) when another tile holds it.
+  const int64_t label_col = y - vocab_start;
   if (c.coef_ref != 0.f) {
-    write_grad_row<true, kTeam>(out, x, r, layout.vocab, y, lse_pol[pos.row],
+    write_grad_row<true, kTeam>(out, x, r, layout.vocab, label_col, lse_pol[pos.row],
                                 lse_ref[pos.row], c, pos.lane);
   } else {
-    write_grad_row<false, kTeam>(out, x, r, layout.vocab, y, lse_pol[pos.row],
+    write_grad_row<false, kTeam>(out, x, r, layout.vocab, label_col, lse_pol[pos.row],
                                  lse_ref[pos.row], c, pos.lane);
   }
 }
@@ -379,9 +426,7 @@ unsigned int blocks_for(int64_t rows, int64_t vocab) {
 
 cudaError_t launch_token_stats(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
                                const at::Tensor& targets, int64_t ignore_index,
-                               const at::Tensor& logp_pol, const at::Tensor& logp_ref,
-                               const at::Tensor& token_kl, const at::Tensor& lse_pol,
-                               const at::Tensor& lse_ref, const at::Tensor& first_bad_row) {
+                               const TokenStatsOut& out, const at::Tensor& first_bad_row) {
   const RowLayout layout = make_layout(policy_logits, ref_logits, targets);
   auto* first_bad = reinterpret_cast<unsigned long long*>(first_bad_row.data_ptr<int64_t>());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -391,9 +436,7 @@ cudaError_t launch_token_stats(const at::Tensor& policy_logits, const at::Tensor
     const auto launch = [&](auto kernel) {
       kernel<<<blocks, kBlockThreads, 0, stream>>>(
           policy_logits.data_ptr<policy_t>(), ref_logits.data_ptr<ref_t>(),
-          targets.data_ptr<int64_t>(), layout, ignore_index, logp_pol.data_ptr<float>(),
-          logp_ref.data_ptr<float>(), token_kl.data_ptr<float>(), lse_pol.data_ptr<float>(),
-          lse_ref.data_ptr<float>(), first_bad);
+          targets.data_ptr<int64_t>(), layout, ignore_index, out, first_bad);
     };
     if (warp_per_row(layout.vocab)) {
       launch(token_stats_kernel<policy_t, ref_t, kWarp>);
@@ -404,12 +447,47 @@ cudaError_t launch_token_stats(const at::Tensor& policy_logits, const at::Tensor
   return cudaGetLastError();
 }
 
+cudaError_t launch_token_stats_tile(const at::Tensor& policy_logits,
+                                    const at::Tensor& ref_logits, const at::Tensor& targets,
+                                    int64_t ignore_index, int64_t vocab_start,
+                                    const float* state_in, float* state_out) {
+  const RowLayout layout = make_layout(policy_logits, ref_logits, targets);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const unsigned int blocks = blocks_for(layout.rows, layout.vocab);
+  TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
+                            "tdpo_ext::token_stats_tile", [&] {
+    const auto launch = [&](auto kernel) {
+      kernel<<<blocks, kBlockThreads, 0, stream>>>(
+          policy_logits.data_ptr<policy_t>(), ref_logits.data_ptr<ref_t>(),
+          targets.data_ptr<int64_t>(), layout, ignore_index, vocab_start, state_in,
+          state_out);
+    };
+    if (warp_per_row(layout.vocab)) {
+      launch(token_stats_tile_kernel<policy_t, ref_t, kWarp>);
+    } else {
+      launch(token_stats_tile_kernel<policy_t, ref_t, kBlockThreads>);
+    }
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_token_stats_finish(const at::Tensor& state, const at::Tensor& targets,
+                                      int64_t ignore_index, const TokenStatsOut& out) {
+  const int64_t rows = targets.numel();
+  const auto blocks = static_cast<unsigned int>((rows + kBlockThreads - 1) / kBlockThreads);
+  token_stats_finish_kernel<<<blocks, kBlockThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      state.data_ptr<float>(), targets.data_ptr<int64_t>(), rows, targets.size(1),
+      targets.stride(0), targets.stride(1), ignore_index, out);
+  return cudaGetLastError();
+}
+
 cudaError_t launch_token_stats_backward(const at::Tensor& grad_logp_pol,
                                         const at::Tensor& grad_token_kl,
                                         const at::Tensor& policy_logits,
                                         const at::Tensor& ref_logits, const at::Tensor& targets,
                                         const at::Tensor& lse_pol, const at::Tensor& lse_ref,
-                                        int64_t ignore_index, const at::Tensor& grad) {
+                                        int64_t ignore_index, int64_t vocab_start,
+                                        const at::Tensor& grad) {
   const RowLayout layout = make_layout(policy_logits, ref_logits, targets);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const unsigned int blocks = blocks_for(layout.rows, layout.vocab);
@@ -420,7 +498,7 @@ cudaError_t launch_token_stats_backward(const at::Tensor& grad_logp_pol,
           grad_logp_pol.data_ptr<float>(), grad_token_kl.data_ptr<float>(),
           policy_logits.data_ptr<policy_t>(), ref_logits.data_ptr<ref_t>(),
           targets.data_ptr<int64_t>(), lse_pol.data_ptr<float>(), lse_ref.data_ptr<float>(),
-          layout, ignore_index, grad.data_ptr<policy_t>());
+          layout, ignore_index, vocab_start, grad.data_ptr<policy_t>());
     };
     if (warp_per_row(layout.vocab)) {
       launch(token_stats_backward_kernel<policy_t, ref_t, kWarp>);
