@@ -255,13 +255,13 @@ def _fused_linear_token_stats_backward(
         return _finish_grads(grad_hidden, grad_weight, grad_bias, policy_hidden, policy_bias,
                              policy_weight, need_hidden, need_bias)
     chunk = _chunk_for(chunk_size, n_active, policy_weight, ref_weight)
-    # Blocks and tiles are cut for each group's size, buffers for the largest cut.
-    cuts = [_backward_tiles(chunk, max(1, tokens.numel()), policy_weight, ref_weight)
-            for tokens, _ in groups]
-    pol_buf, ref_buf = _tile_buffers(max(block * tile for block, tile in cuts),
-                                     (policy_hidden.dtype, ref_hidden.dtype), dev)
+    # One cut for both groups, from their total: for TDPO2 each group is half the tokens
+    # and its blocks use half the budget (measured: 32 MiB live at SmolLM2's shapes, where
+    # cutting each group to its size gave 64 MiB and no faster step).
+    block, tile = _backward_tiles(chunk, n_active, policy_weight, ref_weight)
+    pol_buf, ref_buf = _tile_buffers(block * tile, (policy_hidden.dtype, ref_hidden.dtype), dev)
     with torch.autocast(dev.type, enabled=False):
-        for (tokens, need_ref), (block, tile) in zip(groups, cuts):
+        for tokens, need_ref in groups:
             for start in range(0, tokens.numel(), block):
                 i = tokens[start:start + block]
                 h = hp.index_select(0, i)

@@ -26,28 +26,20 @@ def test_token_stats(device, policy_dtype, ref_dtype, policy_layout):
     torch.library.opcheck(torch.ops.tdpo_ext.token_stats.default, args)
 
 
-def test_token_stats_backward(device):
-    policy, ref, targets, ignore_index = token_stats_args(device, torch.float32,
-                                                          torch.bfloat16, "contiguous")
-    policy = policy.detach()
-    _, _, _, lse_pol, lse_ref = torch.ops.tdpo_ext.token_stats(policy, ref, targets,
-                                                               ignore_index)
-    grad_logp, grad_kl = torch.randn(2, *targets.shape, device=device)
-    torch.library.opcheck(torch.ops.tdpo_ext.token_stats_backward.default,
-                          (grad_logp, grad_kl, policy, ref, targets, lse_pol, lse_ref,
-                           ignore_index))
-
-
-def test_token_stats_backward_tile(device):
+@pytest.mark.parametrize("columns", [None, (10, 30)], ids=["whole_rows", "tile"])
+def test_token_stats_backward(device, columns):
     policy, ref, targets, ignore_index = token_stats_args(device, torch.bfloat16,
                                                           torch.float32, "slice_t")
     policy = policy.detach()
     _, _, _, lse_pol, lse_ref = torch.ops.tdpo_ext.token_stats(policy, ref, targets,
                                                                ignore_index)
     grad_logp, grad_kl = torch.randn(2, *targets.shape, device=device)
-    torch.library.opcheck(torch.ops.tdpo_ext.token_stats_backward.default,
-                          (grad_logp, grad_kl, policy[..., 10:30], ref[..., 10:30], targets,
-                           lse_pol, lse_ref, ignore_index, 10))
+    args = (grad_logp, grad_kl, policy, ref, targets, lse_pol, lse_ref, ignore_index)
+    if columns is not None:  # the tile [v0, v1) of every row, as the fused LM head passes
+        v0, v1 = columns
+        args = (grad_logp, grad_kl, policy[..., v0:v1], ref[..., v0:v1], targets, lse_pol,
+                lse_ref, ignore_index, v0)
+    torch.library.opcheck(torch.ops.tdpo_ext.token_stats_backward.default, args)
 
 
 def test_token_stats_tile_and_finish(device):

@@ -112,38 +112,41 @@ SoftmaxPairState row_state(const P* x, const R* r, int64_t len) {
   return state;
 }
 
-inline int64_t checked_target(const int64_t* targets, int64_t n, int64_t t, int64_t stride_n,
-                              int64_t stride_t, int64_t vocab, int64_t ignore_index) {
-  const int64_t y = targets[n * stride_n + t * stride_t];
-  if (y != ignore_index && (y < 0 || y >= vocab)) fail_bad_label(n, t, y, vocab, ignore_index);
-  return y;
-}
-
 // Tokens per parallel task: enough vocabulary work to amortize scheduling.
 inline int64_t grain_for(int64_t vocab) { return std::max<int64_t>(1, 32768 / vocab); }
 
-template <typename P, typename R>
-void forward_impl(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
-                  const at::Tensor& targets, int64_t ignore_index, const TokenStatsOut& out) {
+// Calls row_fn(i, n, t, y, x, r) for every token i = n * T + t of the batch, in parallel
+// over tokens: y is its label (unchecked), x and r its policy and reference rows.
+template <typename P, typename R, typename RowFn>
+void for_each_row(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
+                  const at::Tensor& targets, const RowFn& row_fn) {
   const int64_t T = policy_logits.size(1), V = policy_logits.size(2);
   const P* pol = policy_logits.data_ptr<P>();
   const R* ref = ref_logits.data_ptr<R>();
   const int64_t* tgt = targets.data_ptr<int64_t>();
-
   at::parallel_for(0, policy_logits.size(0) * T, grain_for(V), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / T, t = i % T;
-      const int64_t y = checked_target(tgt, n, t, targets.stride(0), targets.stride(1), V,
-                                       ignore_index);
-      if (y == ignore_index) {
-        out.write_masked(i);
-        continue;
-      }
-      const P* x = pol + n * policy_logits.stride(0) + t * policy_logits.stride(1);
-      const R* r = ref + n * ref_logits.stride(0) + t * ref_logits.stride(1);
-      out.write(i, finish_token_stats(row_state(x, r, V), static_cast<float>(x[y]),
-                                      static_cast<float>(r[y])));
+      row_fn(i, n, t, tgt[n * targets.stride(0) + t * targets.stride(1)],
+             pol + n * policy_logits.stride(0) + t * policy_logits.stride(1),
+             ref + n * ref_logits.stride(0) + t * ref_logits.stride(1));
     }
+  });
+}
+
+template <typename P, typename R>
+void forward_impl(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
+                  const at::Tensor& targets, int64_t ignore_index, const TokenStatsOut& out) {
+  const int64_t V = policy_logits.size(2);
+  for_each_row<P, R>(policy_logits, ref_logits, targets,
+                     [&](int64_t i, int64_t n, int64_t t, int64_t y, const P* x, const R* r) {
+    if (y == ignore_index) {
+      out.write_masked(i);
+      return;
+    }
+    if (y < 0 || y >= V) fail_bad_label(n, t, y, V, ignore_index);
+    out.write(i, finish_token_stats(row_state(x, r, V), static_cast<float>(x[y]),
+                                    static_cast<float>(r[y])));
   });
 }
 
@@ -154,26 +157,17 @@ template <typename P, typename R>
 void tile_impl(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
                const at::Tensor& targets, int64_t ignore_index, int64_t vocab_start,
                const float* state_in, float* state_out) {
-  const int64_t T = policy_logits.size(1), V = policy_logits.size(2);
-  const P* pol = policy_logits.data_ptr<P>();
-  const R* ref = ref_logits.data_ptr<R>();
-  const int64_t* tgt = targets.data_ptr<int64_t>();
-
-  at::parallel_for(0, policy_logits.size(0) * T, grain_for(V), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i / T, t = i % T;
-      const int64_t y = tgt[n * targets.stride(0) + t * targets.stride(1)];
-      float* out = state_out + i * kTileStateFloats;
-      if (y == ignore_index) {
-        store_tile_state(out, masked_tile_state());
-        continue;
-      }
-      const P* x = pol + n * policy_logits.stride(0) + t * policy_logits.stride(1);
-      const R* r = ref + n * ref_logits.stride(0) + t * ref_logits.stride(1);
-      const TokenTileState before =
-          state_in ? load_tile_state(state_in + i * kTileStateFloats) : empty_tile_state();
-      store_tile_state(out, fold_tile(before, row_state(x, r, V), x, r, y - vocab_start, V));
+  const int64_t V = policy_logits.size(2);
+  for_each_row<P, R>(policy_logits, ref_logits, targets,
+                     [&](int64_t i, int64_t, int64_t, int64_t y, const P* x, const R* r) {
+    float* out = state_out + i * kTileStateFloats;
+    if (y == ignore_index) {
+      store_tile_state(out, masked_tile_state());
+      return;
     }
+    const TokenTileState before =
+        state_in ? load_tile_state(state_in + i * kTileStateFloats) : empty_tile_state();
+    store_tile_state(out, fold_tile(before, row_state(x, r, V), x, r, y - vocab_start, V));
   });
 }
 
@@ -205,41 +199,33 @@ void backward_impl(const at::Tensor& grad_logp_pol, const at::Tensor& grad_token
                    const at::Tensor& targets, const at::Tensor& lse_pol,
                    const at::Tensor& lse_ref, int64_t ignore_index, int64_t vocab_start,
                    at::Tensor& grad_policy_logits) {
-  const int64_t T = policy_logits.size(1), V = policy_logits.size(2);
-  const P* pol = policy_logits.data_ptr<P>();
-  const R* ref = ref_logits.data_ptr<R>();
-  const int64_t* tgt = targets.data_ptr<int64_t>();
+  const int64_t V = policy_logits.size(2);
   const float* g_logp = grad_logp_pol.data_ptr<float>();
   const float* g_kl = grad_token_kl.data_ptr<float>();
   const float* lse_x = lse_pol.data_ptr<float>();
   const float* lse_r = lse_ref.data_ptr<float>();
   P* grad = grad_policy_logits.data_ptr<P>();
 
-  at::parallel_for(0, policy_logits.size(0) * T, grain_for(V), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i / T, t = i % T;
-      P* out = grad + i * V;
-      const int64_t y = tgt[n * targets.stride(0) + t * targets.stride(1)];
-      if (y == ignore_index) {
-        std::fill(out, out + V, P(0));
-        continue;
-      }
-      const P* x = pol + n * policy_logits.stride(0) + t * policy_logits.stride(1);
-      const R* r = ref + n * ref_logits.stride(0) + t * ref_logits.stride(1);
-      const TokenGradCoefs c = token_grad_coefs(g_logp[i], g_kl[i]);
-      const bool read_ref = c.coef_ref != 0.f;
-      if (read_ref) {
-        write_grad_row<P, R, true>(out, x, r, V, lse_x[i], lse_r[i], c);
-      } else {
-        write_grad_row<P, R, false>(out, x, r, V, lse_x[i], lse_r[i], c);
-      }
-      const int64_t label_col = y - vocab_start;
-      if (label_col < 0 || label_col >= V) continue;
-      // The label element, recomputed in float so that it is rounded once.
-      const float p_y = std::exp(static_cast<float>(x[label_col]) - lse_x[i]);
-      const float q_y = read_ref ? std::exp(static_cast<float>(r[label_col]) - lse_r[i]) : 0.f;
-      out[label_col] = static_cast<P>(token_grad_element(c, p_y, q_y) + c.label_bonus);
+  for_each_row<P, R>(policy_logits, ref_logits, targets,
+                     [&](int64_t i, int64_t, int64_t, int64_t y, const P* x, const R* r) {
+    P* out = grad + i * V;
+    if (y == ignore_index) {
+      std::fill(out, out + V, P(0));
+      return;
     }
+    const TokenGradCoefs c = token_grad_coefs(g_logp[i], g_kl[i]);
+    const bool read_ref = c.coef_ref != 0.f;
+    if (read_ref) {
+      write_grad_row<P, R, true>(out, x, r, V, lse_x[i], lse_r[i], c);
+    } else {
+      write_grad_row<P, R, false>(out, x, r, V, lse_x[i], lse_r[i], c);
+    }
+    const int64_t label_col = y - vocab_start;
+    if (label_col < 0 || label_col >= V) return;
+    // The label element, recomputed in float so that it is rounded once.
+    const float p_y = std::exp(static_cast<float>(x[label_col]) - lse_x[i]);
+    const float q_y = read_ref ? std::exp(static_cast<float>(r[label_col]) - lse_r[i]) : 0.f;
+    out[label_col] = static_cast<P>(token_grad_element(c, p_y, q_y) + c.label_bonus);
   });
 }
 
