@@ -1,5 +1,6 @@
 """fused_linear_tdpo_loss against tdpo_loss on the materialized logits (and so against
-the oracle), its memory bound, torch.compile, and lm_head_of."""
+the oracle), on each device (the CUDA path: cuBLAS matmuls and the CUDA token-stats
+kernels), its memory bound, torch.compile, and lm_head_of."""
 from __future__ import annotations
 
 import json
@@ -24,9 +25,10 @@ FIELDS = tdpo_ext.TDPOOutput._fields
 
 def make_inputs(n, t, h_pol, h_ref, vocab, *, pol_dtype=torch.float32, ref_dtype=None,
                 bias=False, mask_frac=0.3, masked_rows=(), ignore_index=-100, seed=0,
-                scale=1.0):
+                scale=1.0, device="cpu"):
     """Hidden states, weights, optional biases and labels with a prompt-like masked prefix
-    of random length per row, random masked tokens, and fully masked rows."""
+    of random length per row, random masked tokens, and fully masked rows; drawn on the
+    CPU (the same values for every device), then moved to device."""
     ref_dtype = pol_dtype if ref_dtype is None else ref_dtype
     g = torch.Generator().manual_seed(seed)
 
@@ -48,7 +50,7 @@ def make_inputs(n, t, h_pol, h_ref, vocab, *, pol_dtype=torch.float32, ref_dtype
     for row in masked_rows:
         labels[row] = ignore_index
     inputs["labels"] = labels
-    return inputs
+    return {k: None if v is None else v.to(device) for k, v in inputs.items()}
 
 
 def run_fused(inputs, **kw):
@@ -129,8 +131,8 @@ def cases(draw):
 
 
 @given(cases())
-def test_matches_materialized(case):
-    case = dict(case)
+def test_matches_materialized(device, case):
+    case = dict(case, device=device)
     kw = {k: case.pop(k) for k in ("chunk_size", "variant", "average_log_prob", "beta",
                                    "alpha")}
     kw["ignore_index"] = case["ignore_index"]
@@ -140,19 +142,37 @@ def test_matches_materialized(case):
 
 @pytest.mark.parametrize("variant", tdpo_ext.ops.VARIANTS)
 @pytest.mark.parametrize("chunk_size", [None, 1, 7, 16, 64])  # 16 divides 2*4*8; 7 does not
-def test_variants_and_chunk_sizes(variant, chunk_size):
-    inputs = make_inputs(4, 8, 16, 12, 97, bias=True, masked_rows=(1,), seed=3)
+def test_variants_and_chunk_sizes(device, variant, chunk_size):
+    inputs = make_inputs(4, 8, 16, 12, 97, bias=True, masked_rows=(1,), seed=3, device=device)
     kw = dict(variant=variant, chunk_size=chunk_size)
     assert_matches(run_fused(inputs, **kw), run_materialized(inputs, **kw), torch.float32)
+
+
+@pytest.mark.parametrize("variant", tdpo_ext.ops.VARIANTS)
+@pytest.mark.parametrize("vocab,pol_dtype,ref_dtype", [(1000, torch.float32, torch.float32),
+                                                       (777, torch.bfloat16, torch.float32)])
+def test_vocabulary_tiles(device, variant, vocab, pol_dtype, ref_dtype):
+    """A budget of 2 tokens' rows cuts 40 tokens into blocks of 10 by tiles of a few hundred
+    columns, in both directions: the weight, bias and label offsets of every tile (the
+    small vocabularies of the property test fit in one tile)."""
+    from tdpo_ext.fused_linear import _backward_tiles, _forward_tiles
+    inputs = make_inputs(4, 10, 8, 6, vocab, pol_dtype=pol_dtype, ref_dtype=ref_dtype,
+                         bias=True, mask_frac=0.0, seed=12, device=device)
+    inputs["labels"][:, 1:] = torch.arange(9, device=device) * (vocab // 9)  # in every tile
+    for cut in (_forward_tiles, _backward_tiles):
+        block, tile = cut(2, 40, inputs["policy_weight"], inputs["ref_weight"])
+        assert 1 < block < 40 and 1 < tile < vocab, (cut.__name__, block, tile)
+    kw = dict(variant=variant, chunk_size=2)
+    assert_matches(run_fused(inputs, **kw), run_materialized(inputs, **kw), pol_dtype)
 
 
 @pytest.mark.parametrize("pol_dtype,ref_dtype", [(torch.bfloat16, torch.bfloat16),
                                                  (torch.float16, torch.float16),
                                                  (torch.float32, torch.bfloat16),
                                                  (torch.bfloat16, torch.float32)])
-def test_low_precision_dtypes(pol_dtype, ref_dtype):
+def test_low_precision_dtypes(device, pol_dtype, ref_dtype):
     inputs = make_inputs(4, 16, 32, 24, 200, pol_dtype=pol_dtype, ref_dtype=ref_dtype,
-                         bias=True, seed=5)
+                         bias=True, seed=5, device=device)
     assert_matches(run_fused(inputs, chunk_size=9), run_materialized(inputs), pol_dtype)
 
 
