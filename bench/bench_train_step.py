@@ -1,6 +1,6 @@
 """One full TDPO training step of SmolLM2-135M (policy forward + backward, reference
 forward, loss), --loss-impl fused beside reference, at a few batch shapes: time and peak
-memory. The step is tdpo_ext.train.batch_loss + backward, the training loop's own code
+memory. The step is tdpo_ext.losses.batch_loss + backward, the training loop's own code
 (the optimizer update is left out: it is the same for both).
 
     python bench/bench_train_step.py                      # appends to bench/RESULTS.md
@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from peak_memory import PeakMemory  # noqa: E402
 from tdpo_ext import models as M  # noqa: E402
-from tdpo_ext.train import batch_loss  # noqa: E402
+from tdpo_ext.losses import batch_loss  # noqa: E402
 
 
 def make_batch(pairs, length, vocab, device, gen):

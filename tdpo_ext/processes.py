@@ -1,6 +1,7 @@
 """Processes, devices and random state, for the training loop (train.py) and the
 experiments built on it (experiment.py): one process or a torchrun group (DDP), its
-device, sums across processes, and the RNG state a checkpoint saves and restores."""
+device, sums across processes, logging from the first one, and the RNG state a checkpoint
+saves and restores."""
 from __future__ import annotations
 
 import os
@@ -29,6 +30,16 @@ def setup_distributed(device_arg: str, threads: int | None = None):
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return rank, world, device
+
+
+def log(*args):
+    """Prints on the first process only, above any progress bar."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            from tqdm import tqdm
+            tqdm.write(" ".join(str(a) for a in args))
+        except ImportError:
+            print(*args, flush=True)
 
 
 def barrier():

@@ -28,10 +28,10 @@ import torch.distributed as dist
 
 from . import data as D
 from . import models as M
-from .fused_linear import fused_linear_tdpo_loss, lm_head_of
-from .ops import sequence_stats, tdpo_loss
-from .processes import all_sum, barrier, rng_state, seed_all, set_rng_state, setup_distributed
-from .reference import reference_tdpo_loss
+from .losses import Meter, batch_loss, check_fused_linear
+from .processes import (all_sum, barrier, log, rng_state, seed_all, set_rng_state,
+                        setup_distributed)
+from .sampling import make_pairs, sample_eval
 from .tasks import TASKS, get_task
 
 GENERIC_DEFAULTS = dict(
@@ -47,15 +47,6 @@ DEBUG_KEYS = ("stop_after_steps", "debug_nan_at_step", "resume", "out")
 
 class TrainingDiverged(RuntimeError):
     pass
-
-
-def log(*args):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            from tqdm import tqdm
-            tqdm.write(" ".join(str(a) for a in args))
-        except ImportError:
-            print(*args, flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -135,163 +126,6 @@ def resolve(args: argparse.Namespace) -> dict:
         raise SystemExit("tdpo-train: --loss sft with a task pipeline makes no sense; "
                          "give --data or a preference loss")
     return cfg
-
-
-# ---------------------------------------------------------------------------------------
-# Losses and metrics
-
-def sft_logps(logits, labels):
-    """Sum of log p(label) over each row's unmasked tokens (logits at t predict t + 1)."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    mask = labels != D.IGNORE_INDEX
-    logp = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
-    return (logp * mask).sum(-1)
-
-
-def check_fused_linear(cfg, policy, ref, world: int) -> None:
-    """Refuses --fused-linear, with the reason, where it cannot run."""
-    if not cfg.get("fused_linear"):
-        return
-    why = None
-    if cfg["loss"] == "sft" or cfg["loss_impl"] != "fused":
-        why = "it needs a preference loss and --loss-impl fused"
-    elif world > 1:
-        why = ("DistributedDataParallel synchronizes gradients through the wrapped model's "
-               "forward, which --fused-linear bypasses; run one process")
-    elif isinstance(policy, M.TinyGPT):
-        why = "the built-in tiny model has no separable LM head; use a transformers model"
-    if why is None:
-        try:
-            lm_head_of(policy)
-            lm_head_of(ref)
-        except ValueError as e:
-            why = str(e)
-    if why is not None:
-        raise SystemExit(f"tdpo-train: --fused-linear: {why}")
-
-
-def forward_hidden_and_head(model, batch):
-    """(last hidden states, head weight, head bias) of a model that lm_head_of fuses."""
-    body, weight, bias = lm_head_of(M.unwrap(model))
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  use_cache=False).last_hidden_state
-    return hidden, weight, bias
-
-
-def batch_loss(policy, ref, batch, cfg, split: str):
-    """(mean loss, per-pair metric tensors named as in the reference implementation)."""
-    kw = dict(beta=cfg["beta"], alpha=cfg["alpha"], variant=cfg["loss"],
-              average_log_prob=cfg["average_log_prob"])
-    if cfg.get("fused_linear") and cfg["loss"] != "sft":
-        hidden, weight, bias = forward_hidden_and_head(policy, batch)
-        with torch.no_grad():
-            ref_hidden, ref_weight, ref_bias = forward_hidden_and_head(ref, batch)
-        out = fused_linear_tdpo_loss(hidden, weight, ref_hidden, ref_weight, batch["labels"],
-                                     policy_bias=bias, ref_bias=ref_bias, **kw)
-        return out.loss, pair_metrics(out, split)
-    logits = M.forward_logits(policy, batch["input_ids"], batch["attention_mask"])
-    if cfg["loss"] == "sft":
-        logps = sft_logps(logits, batch["labels"])
-        return -logps.mean(), {"loss": -logps.detach(), f"logps_{split}/chosen": logps.detach()}
-    with torch.no_grad():
-        ref_logits = M.forward_logits(ref, batch["input_ids"], batch["attention_mask"])
-    fn = tdpo_loss if cfg["loss_impl"] == "fused" else reference_tdpo_loss
-    out = fn(logits, ref_logits, batch["labels"], **kw)
-    return out.loss, pair_metrics(out, split)
-
-
-def pair_metrics(out, split: str) -> dict:
-    """Per-pair metric tensors of a TDPOOutput, named as in the reference implementation."""
-    c, r = out.chosen_rewards, out.rejected_rewards
-    return {
-        "loss": out.losses.detach(),
-        f"rewards_{split}/chosen": c, f"rewards_{split}/rejected": r,
-        f"rewards_{split}/accuracies": (c > r).float(), f"rewards_{split}/margins": c - r,
-        f"kl_{split}/chosen": out.chosen_kl, f"kl_{split}/rejected": out.rejected_kl,
-        f"kl_{split}/margin": out.chosen_kl - out.rejected_kl,
-        f"logps_{split}/chosen": out.chosen_logps, f"logps_{split}/rejected": out.rejected_logps}
-
-
-class Meter:
-    """Sums of per-pair values over micro-batches and processes -> means."""
-
-    def __init__(self):
-        self.sums, self.count = {}, 0
-
-    def add(self, values: dict):
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v.double().sum()
-        self.count += len(next(iter(values.values())))
-
-    def means(self, split: str) -> dict:
-        keys = sorted(self.sums)
-        vec = all_sum(torch.stack([self.sums[k].cpu() for k in keys] +
-                                  [torch.tensor(float(self.count), dtype=torch.double)]))
-        out = {("loss/" + split if k == "loss" else k): (vec[i] / vec[-1]).item()
-               for i, k in enumerate(keys)}
-        return out
-
-
-# ---------------------------------------------------------------------------------------
-# Sampling-based evaluation and pair making (the task pipeline)
-
-@torch.no_grad()
-def sample_eval(policy, ref, tok, task, prompts, cfg, seed) -> dict:
-    """Mean task reward of one policy sample per prompt, and the sequential KL
-    sum_t KL(pi_ref || pi_theta) (and log pi_theta / pi_ref) on those samples."""
-    policy = M.unwrap(policy)
-    prompt_ids = [tok.encode(tok.format_prompt(p))[-cfg["max_prompt_length"]:] for p in prompts]
-    responses = M.generate(policy, tok, prompt_ids, max_new_tokens=cfg["max_new_tokens"],
-                           temperature=cfg["temperature"], top_k=cfg["top_k"], seed=seed)
-    rewards = task.reward(prompts, [tok.decode(r) for r in responses])
-    kls, ratios = [], []
-    chunk = 64 if isinstance(policy, M.TinyGPT) else 4
-    device = next(policy.parameters()).device
-    was_training = policy.training
-    policy.eval()
-    for i in range(0, len(prompts), chunk):
-        items = [{"chosen_input_ids": p + r, "chosen_labels": [D.IGNORE_INDEX] * len(p) + r}
-                 for p, r in zip(prompt_ids[i:i + chunk], responses[i:i + chunk])]
-        b = {k: v.to(device) for k, v in D.collate(items, tok.pad_token_id, True).items()}
-        pol = M.forward_logits(policy, b["input_ids"], b["attention_mask"])
-        refl = M.forward_logits(ref, b["input_ids"], b["attention_mask"])
-        margin, seq_kl, _ = sequence_stats(pol, refl, b["labels"])
-        kls += seq_kl.tolist()
-        ratios += margin.tolist()
-    policy.train(was_training)
-    n = len(prompts)
-    return {"reward": sum(rewards) / n, "seq_kl": sum(kls) / n, "logratio": sum(ratios) / n,
-            "response_tokens": sum(len(r) for r in responses) / n}
-
-
-def make_pairs(model, tok, task, split, n_prompts, cfg, path) -> dict:
-    """Two samples per prompt from `model`, ranked by the task reward, written as JSONL.
-    A tie (equal reward) gives no preference, so it makes no pair; the count is reported."""
-    prompts = task.prompts(split, n_prompts)
-    ids = [tok.encode(tok.format_prompt(p))[-cfg["max_prompt_length"]:] for p in prompts]
-    seed = cfg["seed"] * 7919 + (1 if split == "train" else 2)
-    samples = M.generate(model, tok, ids + ids, max_new_tokens=cfg["max_new_tokens"],
-                         temperature=cfg["temperature"], top_k=cfg["top_k"], seed=seed)
-    texts = [tok.decode(s) for s in samples]
-    rewards = task.reward(prompts + prompts, texts)
-    rows, ties = [], 0
-    for i, p in enumerate(prompts):
-        a, b = i, i + n_prompts
-        if rewards[a] == rewards[b] or texts[a] == texts[b]:
-            ties += 1
-            continue
-        hi, lo = (a, b) if rewards[a] > rewards[b] else (b, a)
-        rows.append({"prompt": p, "chosen": texts[hi], "rejected": texts[lo],
-                     "chosen_reward": rewards[hi], "rejected_reward": rewards[lo]})
-    D.write_jsonl(path, rows)
-    stats = {"pairs": len(rows), "prompts": n_prompts, "ties_skipped": ties,
-             "mean_sample_reward": sum(rewards) / len(rewards),
-             "mean_chosen_reward": sum(r["chosen_reward"] for r in rows) / max(1, len(rows)),
-             "mean_rejected_reward": sum(r["rejected_reward"] for r in rows) / max(1, len(rows))}
-    log(f"pairs ({split}): {len(rows)} from {n_prompts} prompts ({ties} ties skipped), "
-        f"chosen reward {stats['mean_chosen_reward']:.3f} vs rejected "
-        f"{stats['mean_rejected_reward']:.3f} -> {path}")
-    return stats
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tdpo_ext import data as D
+from tdpo_ext import losses
 from tdpo_ext import models as M
 from tdpo_ext import tasks as T
 from tdpo_ext import train
@@ -125,7 +126,7 @@ def test_fused_and_reference_loss_impl_agree_in_the_loop(loss):
         cfg = {"loss": loss, "loss_impl": impl, "beta": 0.3, "alpha": 0.5,
                "average_log_prob": False}
         policy.zero_grad()
-        value, metrics = train.batch_loss(policy, ref, batch, cfg, "train")
+        value, metrics = losses.batch_loss(policy, ref, batch, cfg, "train")
         value.backward()
         results[impl] = (value.detach(), metrics,
                          [p.grad.clone() for p in policy.parameters()])

@@ -1,0 +1,105 @@
+"""The loss of one batch for tdpo-train, with every loss (TDPO1, TDPO2, DPO, SFT) and loss
+implementation (fused ops, the reference code's pattern, the fused LM head), and the
+per-pair metrics it reports, named as in the TDPO reference implementation."""
+from __future__ import annotations
+
+import torch
+
+from . import data as D
+from . import models as M
+from .fused_linear import fused_linear_tdpo_loss, lm_head_of
+from .ops import tdpo_loss
+from .processes import all_sum
+from .reference import reference_tdpo_loss
+
+
+def sft_logps(logits, labels):
+    """Sum of log p(label) over each row's unmasked tokens (logits at t predict t + 1)."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != D.IGNORE_INDEX
+    logp = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
+    return (logp * mask).sum(-1)
+
+
+def check_fused_linear(cfg, policy, ref, world: int) -> None:
+    """Refuses --fused-linear, with the reason, where it cannot run."""
+    if not cfg.get("fused_linear"):
+        return
+    why = None
+    if cfg["loss"] == "sft" or cfg["loss_impl"] != "fused":
+        why = "it needs a preference loss and --loss-impl fused"
+    elif world > 1:
+        why = ("DistributedDataParallel synchronizes gradients through the wrapped model's "
+               "forward, which --fused-linear bypasses; run one process")
+    elif isinstance(policy, M.TinyGPT):
+        why = "the built-in tiny model has no separable LM head; use a transformers model"
+    if why is None:
+        try:
+            lm_head_of(policy)
+            lm_head_of(ref)
+        except ValueError as e:
+            why = str(e)
+    if why is not None:
+        raise SystemExit(f"tdpo-train: --fused-linear: {why}")
+
+
+def forward_hidden_and_head(model, batch):
+    """(last hidden states, head weight, head bias) of a model that lm_head_of fuses."""
+    body, weight, bias = lm_head_of(M.unwrap(model))
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  use_cache=False).last_hidden_state
+    return hidden, weight, bias
+
+
+def batch_loss(policy, ref, batch, cfg, split: str):
+    """(mean loss, per-pair metric tensors named as in the reference implementation)."""
+    kw = dict(beta=cfg["beta"], alpha=cfg["alpha"], variant=cfg["loss"],
+              average_log_prob=cfg["average_log_prob"])
+    if cfg.get("fused_linear") and cfg["loss"] != "sft":
+        hidden, weight, bias = forward_hidden_and_head(policy, batch)
+        with torch.no_grad():
+            ref_hidden, ref_weight, ref_bias = forward_hidden_and_head(ref, batch)
+        out = fused_linear_tdpo_loss(hidden, weight, ref_hidden, ref_weight, batch["labels"],
+                                     policy_bias=bias, ref_bias=ref_bias, **kw)
+        return out.loss, pair_metrics(out, split)
+    logits = M.forward_logits(policy, batch["input_ids"], batch["attention_mask"])
+    if cfg["loss"] == "sft":
+        logps = sft_logps(logits, batch["labels"])
+        return -logps.mean(), {"loss": -logps.detach(), f"logps_{split}/chosen": logps.detach()}
+    with torch.no_grad():
+        ref_logits = M.forward_logits(ref, batch["input_ids"], batch["attention_mask"])
+    fn = tdpo_loss if cfg["loss_impl"] == "fused" else reference_tdpo_loss
+    out = fn(logits, ref_logits, batch["labels"], **kw)
+    return out.loss, pair_metrics(out, split)
+
+
+def pair_metrics(out, split: str) -> dict:
+    """Per-pair metric tensors of a TDPOOutput, named as in the reference implementation."""
+    c, r = out.chosen_rewards, out.rejected_rewards
+    return {
+        "loss": out.losses.detach(),
+        f"rewards_{split}/chosen": c, f"rewards_{split}/rejected": r,
+        f"rewards_{split}/accuracies": (c > r).float(), f"rewards_{split}/margins": c - r,
+        f"kl_{split}/chosen": out.chosen_kl, f"kl_{split}/rejected": out.rejected_kl,
+        f"kl_{split}/margin": out.chosen_kl - out.rejected_kl,
+        f"logps_{split}/chosen": out.chosen_logps, f"logps_{split}/rejected": out.rejected_logps}
+
+
+class Meter:
+    """Sums of per-pair values over micro-batches and processes -> means."""
+
+    def __init__(self):
+        self.sums, self.count = {}, 0
+
+    def add(self, values: dict):
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.double().sum()
+        self.count += len(next(iter(values.values())))
+
+    def means(self, split: str) -> dict:
+        keys = sorted(self.sums)
+        vec = all_sum(torch.stack([self.sums[k].cpu() for k in keys] +
+                                  [torch.tensor(float(self.count), dtype=torch.double)]))
+        out = {("loss/" + split if k == "loss" else k): (vec[i] / vec[-1]).item()
+               for i, k in enumerate(keys)}
+        return out

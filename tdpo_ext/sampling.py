@@ -1,0 +1,69 @@
+"""Sampling for tdpo-train's task pipeline: the task reward and sequential KL of policy
+samples (the evaluation), and preference pairs made by ranking two samples per prompt."""
+from __future__ import annotations
+
+import torch
+
+from . import data as D
+from . import models as M
+from .ops import sequence_stats
+from .processes import log
+
+
+@torch.no_grad()
+def sample_eval(policy, ref, tok, task, prompts, cfg, seed) -> dict:
+    """Mean task reward of one policy sample per prompt, and the sequential KL
+    sum_t KL(pi_ref || pi_theta) (and log pi_theta / pi_ref) on those samples."""
+    policy = M.unwrap(policy)
+    prompt_ids = [tok.encode(tok.format_prompt(p))[-cfg["max_prompt_length"]:] for p in prompts]
+    responses = M.generate(policy, tok, prompt_ids, max_new_tokens=cfg["max_new_tokens"],
+                           temperature=cfg["temperature"], top_k=cfg["top_k"], seed=seed)
+    rewards = task.reward(prompts, [tok.decode(r) for r in responses])
+    kls, ratios = [], []
+    chunk = 64 if isinstance(policy, M.TinyGPT) else 4
+    device = next(policy.parameters()).device
+    was_training = policy.training
+    policy.eval()
+    for i in range(0, len(prompts), chunk):
+        items = [{"chosen_input_ids": p + r, "chosen_labels": [D.IGNORE_INDEX] * len(p) + r}
+                 for p, r in zip(prompt_ids[i:i + chunk], responses[i:i + chunk])]
+        b = {k: v.to(device) for k, v in D.collate(items, tok.pad_token_id, True).items()}
+        pol = M.forward_logits(policy, b["input_ids"], b["attention_mask"])
+        refl = M.forward_logits(ref, b["input_ids"], b["attention_mask"])
+        margin, seq_kl, _ = sequence_stats(pol, refl, b["labels"])
+        kls += seq_kl.tolist()
+        ratios += margin.tolist()
+    policy.train(was_training)
+    n = len(prompts)
+    return {"reward": sum(rewards) / n, "seq_kl": sum(kls) / n, "logratio": sum(ratios) / n,
+            "response_tokens": sum(len(r) for r in responses) / n}
+
+
+def make_pairs(model, tok, task, split, n_prompts, cfg, path) -> dict:
+    """Two samples per prompt from `model`, ranked by the task reward, written as JSONL.
+    A tie (equal reward) gives no preference, so it makes no pair; the count is reported."""
+    prompts = task.prompts(split, n_prompts)
+    ids = [tok.encode(tok.format_prompt(p))[-cfg["max_prompt_length"]:] for p in prompts]
+    seed = cfg["seed"] * 7919 + (1 if split == "train" else 2)
+    samples = M.generate(model, tok, ids + ids, max_new_tokens=cfg["max_new_tokens"],
+                         temperature=cfg["temperature"], top_k=cfg["top_k"], seed=seed)
+    texts = [tok.decode(s) for s in samples]
+    rewards = task.reward(prompts + prompts, texts)
+    rows, ties = [], 0
+    for i, p in enumerate(prompts):
+        a, b = i, i + n_prompts
+        if rewards[a] == rewards[b] or texts[a] == texts[b]:
+            ties += 1
+            continue
+        hi, lo = (a, b) if rewards[a] > rewards[b] else (b, a)
+        rows.append({"prompt": p, "chosen": texts[hi], "rejected": texts[lo],
+                     "chosen_reward": rewards[hi], "rejected_reward": rewards[lo]})
+    D.write_jsonl(path, rows)
+    stats = {"pairs": len(rows), "prompts": n_prompts, "ties_skipped": ties,
+             "mean_sample_reward": sum(rewards) / len(rewards),
+             "mean_chosen_reward": sum(r["chosen_reward"] for r in rows) / max(1, len(rows)),
+             "mean_rejected_reward": sum(r["rejected_reward"] for r in rows) / max(1, len(rows))}
+    log(f"pairs ({split}): {len(rows)} from {n_prompts} prompts ({ties} ties skipped), "
+        f"chosen reward {stats['mean_chosen_reward']:.3f} vs rejected "
+        f"{stats['mean_rejected_reward']:.3f} -> {path}")
+    return stats
