@@ -361,6 +361,35 @@ def test_memory_bound_subprocess():
     assert result["extra"] <= result["logits"] / 8, result
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() and tdpo_ext.built_with_cuda()),
+                    reason="needs a GPU and the CUDA kernels")
+def test_memory_bound_cuda(monkeypatch):
+    """The same bound on CUDA, from the caching allocator's own count of live bytes: the
+    peak beyond inputs and gradients of a forward + backward is within the budget, and at
+    most 1/8 of one float32 logits tensor."""
+    n, t, h, vocab, budget = 4, 256, 64, 49152, 16 << 20
+    monkeypatch.setitem(tdpo_ext.fused_linear.CHUNK_BUDGET_BYTES, "cuda", budget)
+    inputs = make_inputs(n, t, h, h, vocab, mask_frac=0.0, seed=13, device="cuda")
+    hidden = inputs["policy_hidden"].requires_grad_()
+    weight = inputs["policy_weight"].requires_grad_()
+
+    def step():
+        out = fused_linear_tdpo_loss(hidden, weight, inputs["ref_hidden"],
+                                     inputs["ref_weight"], inputs["labels"])
+        return torch.autograd.grad(out.loss, [hidden, weight])
+
+    step()  # warm up: cuBLAS workspace, lazily loaded kernels
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    grads = step()
+    torch.cuda.synchronize()
+    extra = (torch.cuda.max_memory_allocated() - base
+             - sum(g.numel() * g.element_size() for g in grads))
+    assert extra <= budget + (2 << 20), extra
+    assert extra <= n * t * vocab * 4 / 8, extra
+
+
 # ---------------------------------------------------------------------------------------
 # Errors
 
