@@ -45,6 +45,12 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _bytes_per_token(vocab: int, h_pol: int, h_ref: int, p: int, r: int) -> int:
+    """auto_chunk_size's per_token: one token's logits rows (and hidden rows), p and r
+    the policy's and the reference's itemsizes."""
+    return vocab * (2 * p + r) + 2 * (h_pol * p + h_ref * r)
+
+
 def auto_chunk_size(vocab: int, policy_hidden_size: int, ref_hidden_size: Optional[int] = None,
                     policy_dtype: torch.dtype = torch.float32,
                     ref_dtype: Optional[torch.dtype] = None,
@@ -57,13 +63,13 @@ def auto_chunk_size(vocab: int, policy_hidden_size: int, ref_hidden_size: Option
 
     chunk * per_token bytes is what chunk tokens' whole logits rows (and hidden rows)
     would take; the forward and backward size their token blocks and vocabulary tiles to
-    those bytes (_forward_tiles, _backward_tiles), whatever their shape. The rule depends
+    those bytes (_tiles), whatever their shape. The rule depends
     on V, H and the dtypes only, never on N * T: the extra memory is bounded whatever the
     batch."""
     ref_hidden_size = policy_hidden_size if ref_hidden_size is None else ref_hidden_size
     ref_dtype = policy_dtype if ref_dtype is None else ref_dtype
     p, r = _itemsize(policy_dtype), _itemsize(ref_dtype)
-    per_token = vocab * (2 * p + r) + 2 * (policy_hidden_size * p + ref_hidden_size * r)
+    per_token = _bytes_per_token(vocab, policy_hidden_size, ref_hidden_size, p, r)
     budget = CHUNK_BUDGET_BYTES.get(torch.device(device).type, _DEFAULT_BUDGET)
     chunk = max(1, budget // per_token)
     return chunk - chunk % 8 if chunk >= 8 else chunk
@@ -106,46 +112,31 @@ def _logits_tile(buffer: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[
     return out.unsqueeze(0)
 
 
-def _budget(chunk: int, policy_weight: Tensor, ref_weight: Tensor) -> int:
-    """The bytes one step may hold: those of `chunk` tokens' full rows (auto_chunk_size's
-    per_token * chunk)."""
+def _tiles(chunk: int, n_tokens: int, policy_weight: Tensor, ref_weight: Tensor, *,
+           backward: bool):
+    """(tokens per block, vocabulary columns per tile) of the forward or the backward,
+    within the bytes of `chunk` tokens' whole rows (auto_chunk_size's per_token * chunk).
+
+    A forward step holds the block's gathered hidden rows of both models and its softmax
+    states, and a tile of each model's logits; a backward step holds the gathered hidden
+    rows, a float32 accumulator of the block's hidden-state gradient and one product to add
+    to it, and a tile of each model's logits and of the logits gradient. Blocks are as long
+    as 4096 tokens where the budget allows, so that each weight tile is read once per block
+    and the matmuls have long dimensions; a block halves until its tiles are at least 256
+    columns wide (or the whole vocabulary)."""
     (vocab, h_pol), h_ref = policy_weight.shape, ref_weight.shape[1]
     p, r = _itemsize(policy_weight.dtype), _itemsize(ref_weight.dtype)
-    return chunk * (vocab * (2 * p + r) + 2 * (h_pol * p + h_ref * r))
-
-
-def _tiles(budget: int, n_tokens: int, vocab: int, per_row: int, per_element: int):
-    """(tokens per block, vocabulary columns per tile) within `budget` bytes, given the
-    bytes each token of a block holds (per_row) and each (token, column) element of a
-    tile (per_element). Blocks are as long as 4096 tokens where the budget allows, so that
-    each weight tile is read once per block and the matmuls have long dimensions; a block
-    halves until its tiles are at least 256 columns wide (or the whole vocabulary)."""
+    budget = chunk * _bytes_per_token(vocab, h_pol, h_ref, p, r)
+    if backward:
+        per_row, per_element = h_pol * (2 * p + 4) + h_ref * r, 2 * p + r
+    else:
+        per_row, per_element = h_pol * p + h_ref * r + 64, p + r
     block = min(n_tokens, 4096)
     while True:
         tile = (budget - block * per_row) // (block * per_element)
         if tile >= min(vocab, 256) or block == 1:
             return block, max(1, min(vocab, tile))
         block = max(1, block // 2)
-
-
-def _forward_tiles(chunk: int, n_tokens: int, policy_weight: Tensor, ref_weight: Tensor):
-    """A forward step holds the block's gathered hidden rows of both models and its
-    softmax states, and a tile of each model's logits."""
-    (vocab, h_pol), h_ref = policy_weight.shape, ref_weight.shape[1]
-    p, r = _itemsize(policy_weight.dtype), _itemsize(ref_weight.dtype)
-    per_row = h_pol * p + h_ref * r + 64
-    return _tiles(_budget(chunk, policy_weight, ref_weight), n_tokens, vocab, per_row, p + r)
-
-
-def _backward_tiles(chunk: int, n_tokens: int, policy_weight: Tensor, ref_weight: Tensor):
-    """A backward step holds the block's gathered hidden rows of both models, a float32
-    accumulator of its hidden-state gradient and one product to add to it; and a tile of
-    each model's logits and of the logits gradient."""
-    (vocab, h_pol), h_ref = policy_weight.shape, ref_weight.shape[1]
-    p, r = _itemsize(policy_weight.dtype), _itemsize(ref_weight.dtype)
-    per_row = h_pol * (2 * p + 4) + h_ref * r
-    return _tiles(_budget(chunk, policy_weight, ref_weight), n_tokens, vocab, per_row,
-                  2 * p + r)
 
 
 # ---------------------------------------------------------------------------------------
@@ -187,7 +178,7 @@ def _fused_linear_token_stats(policy_hidden: Tensor, policy_weight: Tensor,
     vocab = policy_weight.shape[0]
     _check_targets_in_vocab(tgt, idx, vocab, seq_len)
     chunk = _chunk_for(chunk_size, idx.numel(), policy_weight, ref_weight)
-    block, tile = _forward_tiles(chunk, idx.numel(), policy_weight, ref_weight)
+    block, tile = _tiles(chunk, idx.numel(), policy_weight, ref_weight, backward=False)
     pol_buf, ref_buf = _tile_buffers(block * tile, (policy_hidden.dtype, ref_hidden.dtype),
                                      policy_hidden.device)
     with torch.autocast(policy_hidden.device.type, enabled=False):
@@ -247,9 +238,10 @@ def _fused_linear_token_stats_backward(
     # need no reference logits: they form blocks of their own, which pass the policy
     # logits as the reference ones (token_stats_backward never reads the reference row of
     # a token whose KL gradient is 0).
-    useful = (tgt != ignore_index) & ((g_lp != 0) | (g_kl != 0))
-    groups = [(((g_kl != 0) & useful).nonzero().squeeze(1), True),
-              (((g_kl == 0) & useful).nonzero().squeeze(1), False)]
+    has_kl = g_kl != 0
+    useful = (tgt != ignore_index) & ((g_lp != 0) | has_kl)
+    groups = [((has_kl & useful).nonzero().squeeze(1), True),
+              ((~has_kl & useful).nonzero().squeeze(1), False)]
     n_active = sum(int(tokens.numel()) for tokens, _ in groups)
     if n_active == 0:
         return _finish_grads(grad_hidden, grad_weight, grad_bias, policy_hidden, policy_bias,
@@ -258,7 +250,7 @@ def _fused_linear_token_stats_backward(
     # One cut for both groups, from their total: for TDPO2 each group is half the tokens
     # and its blocks use half the budget (measured: 32 MiB live at SmolLM2's shapes, where
     # cutting each group to its size gave 64 MiB and no faster step).
-    block, tile = _backward_tiles(chunk, n_active, policy_weight, ref_weight)
+    block, tile = _tiles(chunk, n_active, policy_weight, ref_weight, backward=True)
     pol_buf, ref_buf = _tile_buffers(block * tile, (policy_hidden.dtype, ref_hidden.dtype), dev)
     with torch.autocast(dev.type, enabled=False):
         for tokens, need_ref in groups:

@@ -155,13 +155,14 @@ def test_vocabulary_tiles(device, variant, vocab, pol_dtype, ref_dtype):
     """A budget of 2 tokens' rows cuts 40 tokens into blocks of 10 by tiles of a few hundred
     columns, in both directions: the weight, bias and label offsets of every tile (the
     small vocabularies of the property test fit in one tile)."""
-    from tdpo_ext.fused_linear import _backward_tiles, _forward_tiles
+    from tdpo_ext.fused_linear import _tiles
     inputs = make_inputs(4, 10, 8, 6, vocab, pol_dtype=pol_dtype, ref_dtype=ref_dtype,
                          bias=True, mask_frac=0.0, seed=12, device=device)
     inputs["labels"][:, 1:] = torch.arange(9, device=device) * (vocab // 9)  # in every tile
-    for cut in (_forward_tiles, _backward_tiles):
-        block, tile = cut(2, 40, inputs["policy_weight"], inputs["ref_weight"])
-        assert 1 < block < 40 and 1 < tile < vocab, (cut.__name__, block, tile)
+    for backward in (False, True):
+        block, tile = _tiles(2, 40, inputs["policy_weight"], inputs["ref_weight"],
+                             backward=backward)
+        assert 1 < block < 40 and 1 < tile < vocab, (backward, block, tile)
     kw = dict(variant=variant, chunk_size=2)
     assert_matches(run_fused(inputs, **kw), run_materialized(inputs, **kw), pol_dtype)
 
