@@ -161,7 +161,27 @@ PairInputs prepare_pair_backward_inputs(const at::Tensor& grad_losses,
   return in;
 }
 
-at::Tensor PairInputs::empty_output() const { return at::empty_like(chosen_margin); }
+std::tuple<at::Tensor, at::Tensor, at::Tensor> PairInputs::empty_loss_outputs() const {
+  return {at::empty_like(chosen_margin), at::empty_like(chosen_margin),
+          at::empty_like(chosen_margin)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> PairInputs::empty_grad_outputs()
+    const {
+  return {at::empty_like(chosen_margin), at::empty_like(chosen_margin),
+          at::empty_like(chosen_margin), at::empty_like(chosen_margin)};
+}
+
+PairLossOut pair_loss_out(const std::tuple<at::Tensor, at::Tensor, at::Tensor>& outputs) {
+  return {std::get<0>(outputs).data_ptr<float>(), std::get<1>(outputs).data_ptr<float>(),
+          std::get<2>(outputs).data_ptr<float>()};
+}
+
+PairLossGradOut pair_loss_grad_out(
+    const std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>& outputs) {
+  return {std::get<0>(outputs).data_ptr<float>(), std::get<1>(outputs).data_ptr<float>(),
+          std::get<2>(outputs).data_ptr<float>(), std::get<3>(outputs).data_ptr<float>()};
+}
 
 PairArgs PairInputs::args(double beta, double alpha) const {
   return {chosen_margin.data_ptr<float>(), rejected_margin.data_ptr<float>(),

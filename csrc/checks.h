@@ -68,8 +68,11 @@ struct PairInputs {
   at::Tensor grad_losses;
 
   int64_t pairs() const { return chosen_margin.size(0); }
-  // A (B,) float32 output on the pairs' device.
-  at::Tensor empty_output() const;
+  // The forward's (losses, chosen_rewards, rejected_rewards) and the backward's four
+  // gradients (margins, then KLs; chosen, then rejected): (B,) float32 each, on the pairs'
+  // device.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_loss_outputs() const;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_grad_outputs() const;
   // The kernels' view of these inputs (pointers valid while this object lives).
   PairArgs args(double beta, double alpha) const;
 };
@@ -86,6 +89,11 @@ PairInputs prepare_pair_backward_inputs(const at::Tensor& grad_losses,
                                         const at::Tensor& chosen_kl,
                                         const at::Tensor& rejected_kl, double beta,
                                         std::string_view variant);
+
+// The kernels' view of those outputs (pointers valid while the tensors live).
+PairLossOut pair_loss_out(const std::tuple<at::Tensor, at::Tensor, at::Tensor>& outputs);
+PairLossGradOut pair_loss_grad_out(
+    const std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>& outputs);
 
 // The five (N, T) float32 outputs of token_stats (logp_pol, logp_ref, token_kl, lse_pol,
 // lse_ref), allocated on the device of policy_logits (or of any tensor passed in its

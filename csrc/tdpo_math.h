@@ -261,6 +261,33 @@ struct PairArgs {
   Variant variant;
 };
 
+// Where the pairwise loss's kernels write: (B,) float32 each, indexed by pair.
+struct PairLossOut {
+  float* loss;
+  float* chosen_reward;
+  float* rejected_reward;
+
+  TDPO_HD void write(int64_t i, const PairLoss& v) const {
+    loss[i] = v.loss;
+    chosen_reward[i] = v.chosen_reward;
+    rejected_reward[i] = v.rejected_reward;
+  }
+};
+
+struct PairLossGradOut {
+  float* chosen_margin;
+  float* rejected_margin;
+  float* chosen_kl;
+  float* rejected_kl;
+
+  TDPO_HD void write(int64_t i, const PairLossGrad& g) const {
+    chosen_margin[i] = g.chosen_margin;
+    rejected_margin[i] = g.rejected_margin;
+    chosen_kl[i] = g.chosen_kl;
+    rejected_kl[i] = g.rejected_kl;
+  }
+};
+
 TDPO_HD PairLoss pair_loss_at(const PairArgs& in, int64_t i) {
   return pair_loss(in.chosen_margin[i], in.rejected_margin[i], in.chosen_kl[i],
                    in.rejected_kl[i], in.beta, in.alpha, in.variant);

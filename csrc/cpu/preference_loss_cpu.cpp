@@ -18,16 +18,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> preference_loss_cpu(
     std::string_view variant) {
   const PairInputs in = prepare_pair_inputs(chosen_logps_margin, rejected_logps_margin,
                                             chosen_kl, rejected_kl, beta, variant);
-  at::Tensor losses = in.empty_output(), chosen_rewards = in.empty_output(),
-             rejected_rewards = in.empty_output();
+  const auto outputs = in.empty_loss_outputs();
+  const PairLossOut out = pair_loss_out(outputs);
   const PairArgs args = in.args(beta, alpha);
-  for (int64_t i = 0; i < args.pairs; ++i) {
-    const PairLoss out = pair_loss_at(args, i);
-    losses.data_ptr<float>()[i] = out.loss;
-    chosen_rewards.data_ptr<float>()[i] = out.chosen_reward;
-    rejected_rewards.data_ptr<float>()[i] = out.rejected_reward;
-  }
-  return {losses, chosen_rewards, rejected_rewards};
+  for (int64_t i = 0; i < args.pairs; ++i) out.write(i, pair_loss_at(args, i));
+  return outputs;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_backward_cpu(
@@ -37,17 +32,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_backw
   const PairInputs in = prepare_pair_backward_inputs(grad_losses, chosen_logps_margin,
                                                      rejected_logps_margin, chosen_kl,
                                                      rejected_kl, beta, variant);
-  at::Tensor d_mc = in.empty_output(), d_mr = in.empty_output(), d_kc = in.empty_output(),
-             d_kr = in.empty_output();
+  const auto outputs = in.empty_grad_outputs();
+  const PairLossGradOut out = pair_loss_grad_out(outputs);
   const PairArgs args = in.args(beta, alpha);
-  for (int64_t i = 0; i < args.pairs; ++i) {
-    const PairLossGrad d = pair_loss_grad_at(args, in.grad_losses.data_ptr<float>(), i);
-    d_mc.data_ptr<float>()[i] = d.chosen_margin;
-    d_mr.data_ptr<float>()[i] = d.rejected_margin;
-    d_kc.data_ptr<float>()[i] = d.chosen_kl;
-    d_kr.data_ptr<float>()[i] = d.rejected_kl;
-  }
-  return {d_mc, d_mr, d_kc, d_kr};
+  const float* upstream = in.grad_losses.data_ptr<float>();
+  for (int64_t i = 0; i < args.pairs; ++i) out.write(i, pair_loss_grad_at(args, upstream, i));
+  return outputs;
 }
 
 }  // namespace

@@ -48,11 +48,9 @@ cudaError_t launch_token_stats_backward(const at::Tensor& grad_logp_pol,
                                         const at::Tensor& grad);
 
 // The pairwise loss over in.pairs pairs (PairArgs, tdpo_math.h).
-cudaError_t launch_preference_loss(const PairArgs& in, float* losses, float* chosen_rewards,
-                                   float* rejected_rewards);
+cudaError_t launch_preference_loss(const PairArgs& in, const PairLossOut& out);
 
 cudaError_t launch_preference_loss_backward(const PairArgs& in, const float* grad_losses,
-                                            float* d_chosen_margin, float* d_rejected_margin,
-                                            float* d_chosen_kl, float* d_rejected_kl);
+                                            const PairLossGradOut& out);
 
 }  // namespace tdpo_ext::cuda

@@ -93,13 +93,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> preference_loss_cuda(
   const PairInputs in = prepare_pair_inputs(chosen_logps_margin, rejected_logps_margin,
                                             chosen_kl, rejected_kl, beta, variant);
   const c10::cuda::CUDAGuard guard(chosen_logps_margin.device());
-  at::Tensor losses = in.empty_output(), chosen_rewards = in.empty_output(),
-             rejected_rewards = in.empty_output();
-  if (in.pairs() == 0) return {losses, chosen_rewards, rejected_rewards};
-  C10_CUDA_CHECK(launch_preference_loss(in.args(beta, alpha), losses.data_ptr<float>(),
-                                        chosen_rewards.data_ptr<float>(),
-                                        rejected_rewards.data_ptr<float>()));
-  return {losses, chosen_rewards, rejected_rewards};
+  const auto outputs = in.empty_loss_outputs();
+  if (in.pairs() == 0) return outputs;
+  C10_CUDA_CHECK(launch_preference_loss(in.args(beta, alpha), pair_loss_out(outputs)));
+  return outputs;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_backward_cuda(
@@ -110,13 +107,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_backw
                                                      rejected_logps_margin, chosen_kl,
                                                      rejected_kl, beta, variant);
   const c10::cuda::CUDAGuard guard(chosen_logps_margin.device());
-  at::Tensor d_mc = in.empty_output(), d_mr = in.empty_output(), d_kc = in.empty_output(),
-             d_kr = in.empty_output();
-  if (in.pairs() == 0) return {d_mc, d_mr, d_kc, d_kr};
+  const auto outputs = in.empty_grad_outputs();
+  if (in.pairs() == 0) return outputs;
   C10_CUDA_CHECK(launch_preference_loss_backward(
-      in.args(beta, alpha), in.grad_losses.data_ptr<float>(), d_mc.data_ptr<float>(),
-      d_mr.data_ptr<float>(), d_kc.data_ptr<float>(), d_kr.data_ptr<float>()));
-  return {d_mc, d_mr, d_kc, d_kr};
+      in.args(beta, alpha), in.grad_losses.data_ptr<float>(), pair_loss_grad_out(outputs)));
+  return outputs;
 }
 
 }  // namespace

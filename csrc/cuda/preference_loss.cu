@@ -21,48 +21,30 @@ unsigned int blocks_for(int64_t pairs) {
   return static_cast<unsigned int>((pairs + kThreads - 1) / kThreads);
 }
 
-__global__ void preference_loss_kernel(PairArgs in, float* __restrict__ losses,
-                                       float* __restrict__ chosen_rewards,
-                                       float* __restrict__ rejected_rewards) {
+__global__ void preference_loss_kernel(PairArgs in, PairLossOut out) {
   const int64_t i = pair_index();
-  if (i >= in.pairs) return;
-  const PairLoss out = pair_loss_at(in, i);
-  losses[i] = out.loss;
-  chosen_rewards[i] = out.chosen_reward;
-  rejected_rewards[i] = out.rejected_reward;
+  if (i < in.pairs) out.write(i, pair_loss_at(in, i));
 }
 
 __global__ void preference_loss_backward_kernel(PairArgs in,
                                                 const float* __restrict__ grad_losses,
-                                                float* __restrict__ d_chosen_margin,
-                                                float* __restrict__ d_rejected_margin,
-                                                float* __restrict__ d_chosen_kl,
-                                                float* __restrict__ d_rejected_kl) {
+                                                PairLossGradOut out) {
   const int64_t i = pair_index();
-  if (i >= in.pairs) return;
-  const PairLossGrad d = pair_loss_grad_at(in, grad_losses, i);
-  d_chosen_margin[i] = d.chosen_margin;
-  d_rejected_margin[i] = d.rejected_margin;
-  d_chosen_kl[i] = d.chosen_kl;
-  d_rejected_kl[i] = d.rejected_kl;
+  if (i < in.pairs) out.write(i, pair_loss_grad_at(in, grad_losses, i));
 }
 
 }  // namespace
 
-cudaError_t launch_preference_loss(const PairArgs& in, float* losses, float* chosen_rewards,
-                                   float* rejected_rewards) {
+cudaError_t launch_preference_loss(const PairArgs& in, const PairLossOut& out) {
   preference_loss_kernel<<<blocks_for(in.pairs), kThreads, 0,
-                           at::cuda::getCurrentCUDAStream()>>>(in, losses, chosen_rewards,
-                                                               rejected_rewards);
+                           at::cuda::getCurrentCUDAStream()>>>(in, out);
   return cudaGetLastError();
 }
 
 cudaError_t launch_preference_loss_backward(const PairArgs& in, const float* grad_losses,
-                                            float* d_chosen_margin, float* d_rejected_margin,
-                                            float* d_chosen_kl, float* d_rejected_kl) {
+                                            const PairLossGradOut& out) {
   preference_loss_backward_kernel<<<blocks_for(in.pairs), kThreads, 0,
-                                    at::cuda::getCurrentCUDAStream()>>>(
-      in, grad_losses, d_chosen_margin, d_rejected_margin, d_chosen_kl, d_rejected_kl);
+                                    at::cuda::getCurrentCUDAStream()>>>(in, grad_losses, out);
   return cudaGetLastError();
 }
 

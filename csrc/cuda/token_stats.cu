@@ -36,6 +36,7 @@
 #include <ATen/cuda/CUDAContext.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../dispatch.h"
 #include "../tdpo_math.h"
@@ -415,11 +416,23 @@ __global__ void __launch_bounds__(kBlockThreads)
 // ---------------------------------------------------------------------------------
 // Launchers (launch.h): the op implementations in ops_cuda.cpp check, allocate and raise.
 
-bool warp_per_row(int64_t vocab) { return vocab <= kWarpRowMaxVocab; }
-
-unsigned int blocks_for(int64_t rows, int64_t vocab) {
-  const int64_t rows_per_block = warp_per_row(vocab) ? kBlockThreads / kWarp : 1;
-  return static_cast<unsigned int>((rows + rows_per_block - 1) / rows_per_block);
+// Queues one row kernel of the launchers below: calls launch(team, blocks, stream), team
+// a std::integral_constant holding the threads per row (a warp up to kWarpRowMaxVocab
+// columns, else the whole block), blocks enough to cover the layout's rows; launch
+// instantiates the kernel for that team and queues it. Returns the launch's status.
+template <typename Launch>
+cudaError_t launch_rows(const RowLayout& layout, const Launch& launch) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool warp_per_row = layout.vocab <= kWarpRowMaxVocab;
+  const int64_t rows_per_block = warp_per_row ? kBlockThreads / kWarp : 1;
+  const auto blocks =
+      static_cast<unsigned int>((layout.rows + rows_per_block - 1) / rows_per_block);
+  if (warp_per_row) {
+    launch(std::integral_constant<int, kWarp>{}, blocks, stream);
+  } else {
+    launch(std::integral_constant<int, kBlockThreads>{}, blocks, stream);
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -429,22 +442,17 @@ cudaError_t launch_token_stats(const at::Tensor& policy_logits, const at::Tensor
                                const TokenStatsOut& out, const at::Tensor& first_bad_row) {
   const RowLayout layout = make_layout(policy_logits, ref_logits, targets);
   auto* first_bad = reinterpret_cast<unsigned long long*>(first_bad_row.data_ptr<int64_t>());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const unsigned int blocks = blocks_for(layout.rows, layout.vocab);
+  cudaError_t status = cudaSuccess;
   TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
                             "tdpo_ext::token_stats", [&] {
-    const auto launch = [&](auto kernel) {
-      kernel<<<blocks, kBlockThreads, 0, stream>>>(
-          policy_logits.data_ptr<policy_t>(), ref_logits.data_ptr<ref_t>(),
-          targets.data_ptr<int64_t>(), layout, ignore_index, out, first_bad);
-    };
-    if (warp_per_row(layout.vocab)) {
-      launch(token_stats_kernel<policy_t, ref_t, kWarp>);
-    } else {
-      launch(token_stats_kernel<policy_t, ref_t, kBlockThreads>);
-    }
+    status = launch_rows(layout, [&](auto team, unsigned int blocks, cudaStream_t stream) {
+      token_stats_kernel<policy_t, ref_t, decltype(team)::value>
+          <<<blocks, kBlockThreads, 0, stream>>>(
+              policy_logits.data_ptr<policy_t>(), ref_logits.data_ptr<ref_t>(),
+              targets.data_ptr<int64_t>(), layout, ignore_index, out, first_bad);
+    });
   });
-  return cudaGetLastError();
+  return status;
 }
 
 cudaError_t launch_token_stats_tile(const at::Tensor& policy_logits,
@@ -452,23 +460,18 @@ cudaError_t launch_token_stats_tile(const at::Tensor& policy_logits,
                                     int64_t ignore_index, int64_t vocab_start,
                                     const float* state_in, float* state_out) {
   const RowLayout layout = make_layout(policy_logits, ref_logits, targets);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const unsigned int blocks = blocks_for(layout.rows, layout.vocab);
+  cudaError_t status = cudaSuccess;
   TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
                             "tdpo_ext::token_stats_tile", [&] {
-    const auto launch = [&](auto kernel) {
-      kernel<<<blocks, kBlockThreads, 0, stream>>>(
-          policy_logits.data_ptr<policy_t>(), ref_logits.data_ptr<ref_t>(),
-          targets.data_ptr<int64_t>(), layout, ignore_index, vocab_start, state_in,
-          state_out);
-    };
-    if (warp_per_row(layout.vocab)) {
-      launch(token_stats_tile_kernel<policy_t, ref_t, kWarp>);
-    } else {
-      launch(token_stats_tile_kernel<policy_t, ref_t, kBlockThreads>);
-    }
+    status = launch_rows(layout, [&](auto team, unsigned int blocks, cudaStream_t stream) {
+      token_stats_tile_kernel<policy_t, ref_t, decltype(team)::value>
+          <<<blocks, kBlockThreads, 0, stream>>>(
+              policy_logits.data_ptr<policy_t>(), ref_logits.data_ptr<ref_t>(),
+              targets.data_ptr<int64_t>(), layout, ignore_index, vocab_start, state_in,
+              state_out);
+    });
   });
-  return cudaGetLastError();
+  return status;
 }
 
 cudaError_t launch_token_stats_finish(const at::Tensor& state, const at::Tensor& targets,
@@ -489,24 +492,20 @@ cudaError_t launch_token_stats_backward(const at::Tensor& grad_logp_pol,
                                         int64_t ignore_index, int64_t vocab_start,
                                         const at::Tensor& grad) {
   const RowLayout layout = make_layout(policy_logits, ref_logits, targets);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const unsigned int blocks = blocks_for(layout.rows, layout.vocab);
+  cudaError_t status = cudaSuccess;
   TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
                             "tdpo_ext::token_stats_backward", [&] {
-    const auto launch = [&](auto kernel) {
-      kernel<<<blocks, kBlockThreads, 0, stream>>>(
-          grad_logp_pol.data_ptr<float>(), grad_token_kl.data_ptr<float>(),
-          policy_logits.data_ptr<policy_t>(), ref_logits.data_ptr<ref_t>(),
-          targets.data_ptr<int64_t>(), lse_pol.data_ptr<float>(), lse_ref.data_ptr<float>(),
-          layout, ignore_index, vocab_start, grad.data_ptr<policy_t>());
-    };
-    if (warp_per_row(layout.vocab)) {
-      launch(token_stats_backward_kernel<policy_t, ref_t, kWarp>);
-    } else {
-      launch(token_stats_backward_kernel<policy_t, ref_t, kBlockThreads>);
-    }
+    status = launch_rows(layout, [&](auto team, unsigned int blocks, cudaStream_t stream) {
+      token_stats_backward_kernel<policy_t, ref_t, decltype(team)::value>
+          <<<blocks, kBlockThreads, 0, stream>>>(
+              grad_logp_pol.data_ptr<float>(), grad_token_kl.data_ptr<float>(),
+              policy_logits.data_ptr<policy_t>(), ref_logits.data_ptr<ref_t>(),
+              targets.data_ptr<int64_t>(), lse_pol.data_ptr<float>(),
+              lse_ref.data_ptr<float>(), layout, ignore_index, vocab_start,
+              grad.data_ptr<policy_t>());
+    });
   });
-  return cudaGetLastError();
+  return status;
 }
 
 }  // namespace tdpo_ext::cuda
