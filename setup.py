@@ -120,12 +120,12 @@ def loaded_library(name):
 def shared_libstdcxx_link_args(linker):
     """Link arguments that make the extension share torch's libstdc++.
 
-    A toolchain that has only libstdc++.a (the /opt/gcc of the GPU machines we were lent
-    on 2026-11-27) links a private static copy of libstdc++ into the extension. Its
-    iostreams are never set up in the Python process, so the first error message that
-    formats a number (every shape check) crashed the process with a segmentation fault
-    instead of raising. Naming the libstdc++.so.6 that this process has loaded ahead of
-    the driver's own -lstdc++ makes the linker take every libstdc++ symbol from it."""
+    A toolchain that has only libstdc++.a (the /opt/gcc of a GPU machine we were lent)
+    links a private static copy of libstdc++ into the extension. Its iostreams are never
+    set up in the Python process, so the first error message that formats a number
+    (every shape check) crashed the process with a segmentation fault instead of raising.
+    Naming the libstdc++.so.6 that this process has loaded ahead of the driver's own
+    -lstdc++ makes the linker take every libstdc++ symbol from it."""
     probe = subprocess.run([linker, "-print-file-name=libstdc++.so"], capture_output=True,
                            text=True)
     found = probe.stdout.strip()
