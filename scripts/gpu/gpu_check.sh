@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One-shot check of tdpo-ext on a fresh GPU machine (no network needed):
 #
-#   bash bench/gpu_check.sh OUTDIR
+#   bash scripts/gpu/gpu_check.sh OUTDIR
 #
 # 1. builds the extension in place for this card only (TORCH_CUDA_ARCH_LIST = its
 #    compute capability, MAX_JOBS=16, TDPO_EXT_CUDA=1, `setup.py build_ext --inplace`:
 #    one build, nothing fetched)                                         -> build.log
-# 2. runs bench/sanitizer_case.py plainly: every CUDA kernel vs the CPU op -> cuda_vs_cpu.log
+# 2. runs scripts/gpu/sanitizer_case.py plainly: every CUDA kernel vs the CPU op -> cuda_vs_cpu.log
 # 3. runs the CUDA tests (pytest -k "cuda or CUDA")                        -> tests.log
-# 4. runs bench/sanitizer_case.py under compute-sanitizer memcheck        -> memcheck.log
+# 4. runs scripts/gpu/sanitizer_case.py under compute-sanitizer memcheck        -> memcheck.log
 # 5. ... and racecheck                                                     -> racecheck.log
 # 6. runs bench/bench_ops.py --device cuda (extra arguments from $TDPO_BENCH_ARGS), within
 #    what is left of the budget but $TDPO_FUSED_RESERVE seconds (default 120)
@@ -27,7 +27,7 @@ if [ $# -ne 1 ]; then
 fi
 mkdir -p "$1" || exit 1
 OUT=$(cd "$1" && pwd)
-cd "$(dirname "$0")/.." || exit 1
+cd "$(dirname "$0")/../.." || exit 1
 PY=${PYTHON:-python3}
 SUMMARY="$OUT/summary.md"
 DEADLINE=${TDPO_GPU_CHECK_SECONDS:-530}  # seconds after start by which the last step must end
@@ -185,7 +185,7 @@ if [ $BUILT = no ]; then
 fi
 
 # --- 2. Every CUDA kernel against the CPU op, without a sanitizer.
-run_step cuda_vs_cpu 40 cuda_vs_cpu.log "$PY" bench/sanitizer_case.py
+run_step cuda_vs_cpu 40 cuda_vs_cpu.log "$PY" scripts/gpu/sanitizer_case.py
 last=$(grep -E '^[0-9]+ failed' "$OUT/cuda_vs_cpu.log" | tail -1)
 [ -n "$last" ] && note "cuda_vs_cpu: $last"
 
@@ -209,9 +209,9 @@ if [ -n "$SANITIZER" ]; then
   # Without the caching allocator every tensor is its own cudaMalloc, so an access past
   # a tensor's end is outside any allocation and memcheck sees it.
   run_step memcheck 80 memcheck.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    "$SANITIZER" --tool memcheck --error-exitcode 86 "$PY" bench/sanitizer_case.py
+    "$SANITIZER" --tool memcheck --error-exitcode 86 "$PY" scripts/gpu/sanitizer_case.py
   run_step racecheck 80 racecheck.log \
-    "$SANITIZER" --tool racecheck --error-exitcode 86 "$PY" bench/sanitizer_case.py
+    "$SANITIZER" --tool racecheck --error-exitcode 86 "$PY" scripts/gpu/sanitizer_case.py
   for tool in memcheck racecheck; do
     s=$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool.log" | tail -1)
     [ -n "$s" ] && note "$tool: ${s#========= }"
