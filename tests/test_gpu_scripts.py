@@ -37,7 +37,8 @@ def test_gpu_check_without_gpu_writes_why(tmp_path):
 
 
 @no_gpu_here
-@pytest.mark.parametrize("script,args", [("sanitizer_case.py", [])])
+@pytest.mark.parametrize("script,args", [("sanitizer_case.py", []),
+                                         ("profile_case.py", ["8x16x32:float32"])])
 def test_python_cases_without_gpu_exit_2(script, args):
     result = run([sys.executable, os.path.join(GPU, script), *args])
     assert result.returncode == 2, result.stdout + result.stderr
