@@ -25,22 +25,14 @@
 # a failing step does not stop the later ones. Profiles: profile_ncu.sh, after this.
 # Exit status: 0 all passed, 1 a step failed, 2 no GPU.
 set -u
-
-if [ $# -ne 1 ]; then
-  echo "usage: $0 OUTDIR" >&2
-  exit 64
-fi
-mkdir -p "$1" || exit 1
-OUT=$(cd "$1" && pwd)
-cd "$(dirname "$0")/../.." || exit 1
 NAME=gpu_check
 TITLE="tdpo-ext GPU check"
-PY=${PYTHON:-python3}
 DEADLINE=${TDPO_GPU_CHECK_SECONDS:-540}
 FUSED_RESERVE=${TDPO_FUSED_RESERVE:-90}
 BENCH_ARGS=${TDPO_BENCH_ARGS:---reps 10}
 # shellcheck source=scripts/gpu/lib.sh
-. scripts/gpu/lib.sh
+. "$(dirname "$0")/lib.sh"
+start_run "$@"
 
 find_gpu
 have_module() { "$PY" -c "import $1" > /dev/null 2>&1; }

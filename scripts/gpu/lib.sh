@@ -1,14 +1,27 @@
-# Shared by gpu_check.sh and profile_ncu.sh (sourced, not run): steps with their own
-# timeouts inside one time budget, a summary.md of them, the card, the CUDA tools, and
-# the in-place build.
+# Shared by gpu_check.sh and profile_ncu.sh (sourced, not run): the output folder, steps
+# with their own timeouts inside one time budget, a summary.md of them, the card, the
+# CUDA tools, and the in-place build.
 #
-# The sourcing script sets NAME (its name in messages), OUT (the output folder), PY
-# (python), DEADLINE (seconds after its start by which the last step must end) and
-# TITLE (the summary's heading), and has cd'ed to the repository root.
+# The sourcing script sets NAME (its name in messages), TITLE (the summary's heading) and
+# DEADLINE (seconds after its start by which the last step must end), then calls
+# start_run "$@".
 
 ROWS=""    # the step table of the summary
 NOTES=""   # lines under it
 FAILED=0
+PY=${PYTHON:-python3}
+
+# start_run OUTDIR: makes OUTDIR, sets OUT to its absolute path, and goes to the
+# repository root, where every step runs.
+start_run() {
+  if [ $# -ne 1 ]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 64
+  fi
+  mkdir -p "$1" || exit 1
+  OUT=$(cd "$1" && pwd)
+  cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1
+}
 
 note() { NOTES+="- $*"$'\n'; echo "$NAME: $*"; }
 

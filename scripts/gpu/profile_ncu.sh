@@ -19,22 +19,14 @@
 # ends within $TDPO_PROFILE_SECONDS (default 480).
 # Exit status: 0 all passed, 1 a step failed, 2 no GPU, 3 no ncu.
 set -u
-
-if [ $# -ne 1 ]; then
-  echo "usage: $0 OUTDIR" >&2
-  exit 64
-fi
-mkdir -p "$1" || exit 1
-OUT=$(cd "$1" && pwd)
-cd "$(dirname "$0")/../.." || exit 1
 NAME=profile_ncu
 TITLE="tdpo-ext Nsight Compute profiles"
-PY=${PYTHON:-python3}
 DEADLINE=${TDPO_PROFILE_SECONDS:-480}
 NCU_SET=${TDPO_NCU_SET:-full}
 SHAPES="f32_v32000=8x2048x32000:float32 bf16_v128256=8x2048x128256:bfloat16"
 # shellcheck source=scripts/gpu/lib.sh
-. scripts/gpu/lib.sh
+. "$(dirname "$0")/lib.sh"
+start_run "$@"
 
 NCU=$(find_cuda_tool ncu | head -1)
 if [ -z "$NCU" ]; then
