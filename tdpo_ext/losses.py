@@ -7,7 +7,8 @@ import torch
 
 from . import data as D
 from . import models as M
-from .fused_linear import fused_linear_tdpo_loss, lm_head_of
+from .fused_linear import fused_linear_tdpo_loss
+from .lm_head import lm_head_of
 from .ops import tdpo_loss
 from .processes import all_sum
 from .reference import reference_tdpo_loss
@@ -44,11 +45,11 @@ def check_fused_linear(cfg, policy, ref, world: int) -> None:
 
 
 def forward_hidden_and_head(model, batch):
-    """(last hidden states, head weight, head bias) of a model that lm_head_of fuses."""
-    body, weight, bias = lm_head_of(M.unwrap(model))
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  use_cache=False).last_hidden_state
-    return hidden, weight, bias
+    """(last hidden states, LMHead) of a model that lm_head_of fuses."""
+    head = lm_head_of(M.unwrap(model))
+    hidden = head.body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       use_cache=False).last_hidden_state
+    return hidden, head
 
 
 def batch_loss(policy, ref, batch, cfg, split: str):
@@ -56,11 +57,13 @@ def batch_loss(policy, ref, batch, cfg, split: str):
     kw = dict(beta=cfg["beta"], alpha=cfg["alpha"], variant=cfg["loss"],
               average_log_prob=cfg["average_log_prob"])
     if cfg.get("fused_linear") and cfg["loss"] != "sft":
-        hidden, weight, bias = forward_hidden_and_head(policy, batch)
+        hidden, head = forward_hidden_and_head(policy, batch)
         with torch.no_grad():
-            ref_hidden, ref_weight, ref_bias = forward_hidden_and_head(ref, batch)
-        out = fused_linear_tdpo_loss(hidden, weight, ref_hidden, ref_weight, batch["labels"],
-                                     policy_bias=bias, ref_bias=ref_bias, **kw)
+            ref_hidden, ref_head = forward_hidden_and_head(ref, batch)
+        out = fused_linear_tdpo_loss(hidden, head.weight, ref_hidden, ref_head.weight,
+                                     batch["labels"], policy_bias=head.bias,
+                                     ref_bias=ref_head.bias, logit_scale=head.logit_scale,
+                                     logit_softcap=head.logit_softcap, **kw)
         return out.loss, pair_metrics(out, split)
     logits = M.forward_logits(policy, batch["input_ids"], batch["attention_mask"])
     if cfg["loss"] == "sft":
