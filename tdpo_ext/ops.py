@@ -147,7 +147,9 @@ def _check_labels(labels: torch.Tensor) -> None:
 
 def _check_hyper(beta: float, variant: str) -> None:
     if variant not in VARIANTS:
-        raise ValueError(f"tdpo_ext: unknown variant {variant!r}; expected one of {VARIANTS}")
+        # The preference_loss op's words (csrc/checks.cpp), so that both raise one message.
+        expected = ", ".join(repr(v) for v in VARIANTS)
+        raise ValueError(f"tdpo_ext: unknown variant {variant!r}; expected one of {expected}")
     if not beta > 0:
         raise ValueError(f"tdpo_ext: beta must be > 0, got {beta}")
 
