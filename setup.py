@@ -19,14 +19,32 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+
+def read_build_list(path=os.path.join(ROOT, "csrc", "build.txt")):
+    """csrc/build.txt, which CMakeLists.txt reads too: {"library": [...], "module": [...],
+    "cuda": [...], "cpu_kernel": [...]} of source paths, and under "capability" the CPU
+    capabilities this machine builds, {name: compiler flags}."""
+    machine = "x86_64" if platform.machine() in ("x86_64", "AMD64") else platform.machine()
+    found = {"library": [], "module": [], "cuda": [], "cpu_kernel": [], "capability": {}}
+    with open(path) as f:
+        for line in f:
+            if not line.strip() or line.startswith("#"):
+                continue
+            kind, *words = line.split()
+            if kind == "capability":
+                name, where, *flags = words
+                if where in ("any", machine):
+                    found["capability"][name] = flags
+            else:
+                found[kind] += words
+    return found
+
+
+BUILD = read_build_list()
 # The CPU token-stats kernels are compiled once per capability; at::vec picks its
 # instruction set from these macros (see csrc/cpu/token_stats_kernel.h).
-CPU_CAPABILITIES = {"DEFAULT": []}
-if platform.machine() in ("x86_64", "AMD64"):
-    CPU_CAPABILITIES["AVX2"] = ["-mavx2", "-mfma", "-mf16c"]
-    CPU_CAPABILITIES["AVX512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-                                  "-mfma", "-mf16c"]
-CPU_KERNEL_SOURCE = "csrc/cpu/token_stats_kernel.cpp"
+CPU_CAPABILITIES = BUILD["capability"]
+(CPU_KERNEL_SOURCE,) = BUILD["cpu_kernel"]
 
 
 def cuda_home_from_nvcc():
@@ -102,12 +120,12 @@ def loaded_library(name):
 def shared_libstdcxx_link_args(linker):
     """Link arguments that make the extension share torch's libstdc++.
 
-    A toolchain that has only libstdc++.a (the /opt/gcc of the GPU machines we were lent
-    on 2026-11-27) links a private static copy of libstdc++ into the extension. Its
-    iostreams are never set up in the Python process, so the first error message that
-    formats a number (every shape check) crashed the process with a segmentation fault
-    instead of raising. Naming the libstdc++.so.6 that this process has loaded ahead of
-    the driver's own -lstdc++ makes the linker take every libstdc++ symbol from it."""
+    A toolchain that has only libstdc++.a (the /opt/gcc of a GPU machine we were lent)
+    links a private static copy of libstdc++ into the extension. Its iostreams are never
+    set up in the Python process, so the first error message that formats a number
+    (every shape check) crashed the process with a segmentation fault instead of raising.
+    Naming the libstdc++.so.6 that this process has loaded ahead of the driver's own
+    -lstdc++ makes the linker take every libstdc++ symbol from it."""
     probe = subprocess.run([linker, "-print-file-name=libstdc++.so"], capture_output=True,
                            text=True)
     found = probe.stdout.strip()
@@ -131,8 +149,7 @@ def make_extension():
     # Imported after CUDA_HOME is settled: cpp_extension reads it at import time.
     from torch.utils import cpp_extension
 
-    sources = ["csrc/torch_bindings.cpp", "csrc/python_module.cpp", "csrc/checks.cpp",
-               "csrc/cpu/token_stats_cpu.cpp", "csrc/cpu/preference_loss_cpu.cpp"]
+    sources = BUILD["library"] + BUILD["module"]
     # -fopenmp: torch's at::parallel_for is an inline OpenMP pragma (the kernels refuse
     # to compile without it). Its runtime must be torch's own libgomp, one thread pool
     # in the process: link the one torch has loaded rather than the compiler's.
@@ -147,8 +164,7 @@ def make_extension():
             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags), cpp_extension
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    # The .cpp files there hold the ops (host compiler), the .cu files the kernels.
-    sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
+    sources += BUILD["cuda"]
     nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
     return cpp_extension.CUDAExtension(
         "tdpo_ext._C", sources, include_dirs=include_dirs + nvidia_wheel_includes(),

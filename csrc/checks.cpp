@@ -3,8 +3,26 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
+
+#include <string>
 
 namespace tdpo_ext {
+
+namespace {
+
+// The checks of labels that need no logits: (N, T) int64.
+void check_labels(const at::Tensor& targets) {
+  TORCH_CHECK(targets.dim() == 2, "tdpo_ext: labels must have shape (N, T), got ",
+              targets.sizes());
+  TORCH_CHECK(!at::isFloatingType(targets.scalar_type()) && !targets.is_complex() &&
+                  targets.scalar_type() != at::kBool,
+              "tdpo_ext: labels must be an integer tensor (int64), got ", targets.scalar_type());
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "tdpo_ext: labels must be int64, got ",
+              targets.scalar_type());
+}
+
+}  // namespace
 
 int64_t check_token_stats_inputs(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
                                  const at::Tensor& targets) {
@@ -12,8 +30,7 @@ int64_t check_token_stats_inputs(const at::Tensor& policy_logits, const at::Tens
               "tdpo_ext: policy_logits must have shape (N, T, V), got ", policy_logits.sizes());
   TORCH_CHECK(ref_logits.dim() == 3,
               "tdpo_ext: ref_logits must have shape (N, T, V), got ", ref_logits.sizes());
-  TORCH_CHECK(targets.dim() == 2, "tdpo_ext: labels must have shape (N, T), got ",
-              targets.sizes());
+  check_labels(targets);
   TORCH_CHECK(at::isFloatingType(policy_logits.scalar_type()) &&
                   policy_logits.scalar_type() != at::kDouble,
               "tdpo_ext: policy_logits must be float32, bfloat16 or float16, got ",
@@ -22,11 +39,6 @@ int64_t check_token_stats_inputs(const at::Tensor& policy_logits, const at::Tens
                   ref_logits.scalar_type() != at::kDouble,
               "tdpo_ext: ref_logits must be float32, bfloat16 or float16, got ",
               ref_logits.scalar_type());
-  TORCH_CHECK(!at::isFloatingType(targets.scalar_type()) && !targets.is_complex() &&
-                  targets.scalar_type() != at::kBool,
-              "tdpo_ext: labels must be an integer tensor (int64), got ", targets.scalar_type());
-  TORCH_CHECK(targets.scalar_type() == at::kLong, "tdpo_ext: labels must be int64, got ",
-              targets.scalar_type());
   TORCH_CHECK(policy_logits.device() == ref_logits.device() &&
                   policy_logits.device() == targets.device(),
               "tdpo_ext: policy_logits, ref_logits and labels must be on one device, got ",
@@ -70,11 +82,13 @@ void check_pair_inputs(const at::Tensor& chosen_logps_margin,
 }
 
 Variant parse_variant(std::string_view variant) {
-  if (variant == "tdpo1") return Variant::TDPO1;
-  if (variant == "tdpo2") return Variant::TDPO2;
-  if (variant == "dpo") return Variant::DPO;
-  TORCH_CHECK(false, "tdpo_ext: unknown variant '", std::string(variant),
-              "'; expected 'tdpo1', 'tdpo2' or 'dpo'");
+  std::string expected;
+  for (size_t i = 0; i < kVariantNames.size(); ++i) {
+    if (variant == kVariantNames[i]) return static_cast<Variant>(i);
+    expected += (i ? ", '" : "'") + std::string(kVariantNames[i]) + "'";
+  }
+  TORCH_CHECK(false, "tdpo_ext: unknown variant '", std::string(variant), "'; expected one of ",
+              expected);
 }
 
 }  // namespace
@@ -120,8 +134,7 @@ at::Tensor TokenStatsTileInputs::empty_state(const at::Tensor& targets) const {
 }
 
 at::Tensor check_tile_state(const at::Tensor& state, const at::Tensor& targets) {
-  TORCH_CHECK(targets.dim() == 2, "tdpo_ext: labels must have shape (N, T), got ",
-              targets.sizes());
+  check_labels(targets);
   TORCH_CHECK(state.dim() == 3 && state.size(0) == targets.size(0) &&
                   state.size(1) == targets.size(1) && state.size(2) == kTileStateFloats,
               "tdpo_ext: state must have shape (N, T, ", kTileStateFloats,
@@ -130,8 +143,6 @@ at::Tensor check_tile_state(const at::Tensor& state, const at::Tensor& targets) 
               state.scalar_type());
   TORCH_CHECK(state.device() == targets.device(), "tdpo_ext: state is on ", state.device(),
               " but labels are on ", targets.device());
-  TORCH_CHECK(targets.scalar_type() == at::kLong, "tdpo_ext: labels must be int64, got ",
-              targets.scalar_type());
   return state.contiguous();
 }
 
@@ -209,11 +220,16 @@ at::Tensor with_unit_vocab_stride(const at::Tensor& logits) {
   return logits.stride(2) == 1 || logits.size(2) == 1 ? logits : logits.contiguous();
 }
 
+std::string bad_label_message(int64_t row, int64_t position, int64_t label, int64_t vocab,
+                              int64_t ignore_index) {
+  return c10::str("tdpo_ext: labels holds ", label, " at row ", row,
+                  " (predicted by logits position ", position, "), outside the vocabulary [0, ",
+                  vocab, ") and not ignore_index (", ignore_index, ")");
+}
+
 void fail_bad_label(int64_t row, int64_t position, int64_t label, int64_t vocab,
                     int64_t ignore_index) {
-  TORCH_CHECK(false, "tdpo_ext: labels holds ", label, " at row ", row, " (predicted by logits position ",
-              position, "), outside the vocabulary [0, ", vocab, ") and not ignore_index (",
-              ignore_index, ")");
+  TORCH_CHECK(false, bad_label_message(row, position, label, vocab, ignore_index));
 }
 
 }  // namespace tdpo_ext

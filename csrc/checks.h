@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <string_view>
 #include <tuple>
 
@@ -109,7 +110,11 @@ TokenStatsOut token_stats_out(
 // views such as logits[:, :-1] qualify as they are. Anything else is copied once.
 at::Tensor with_unit_vocab_stride(const at::Tensor& logits);
 
-// The message for a label outside [0, V) that is not ignore_index.
+// The message for a label outside [0, V) that is not ignore_index, at targets[row,
+// position]: raised by both devices' ops, and by the Python code that checks labels
+// itself (exported as tdpo_ext._C.bad_label_message).
+std::string bad_label_message(int64_t row, int64_t position, int64_t label, int64_t vocab,
+                              int64_t ignore_index);
 [[noreturn]] void fail_bad_label(int64_t row, int64_t position, int64_t label, int64_t vocab,
                                  int64_t ignore_index);
 

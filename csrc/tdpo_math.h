@@ -6,8 +6,10 @@
 // loss all live here.
 #pragma once
 
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <string_view>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define TDPO_HD __host__ __device__ __forceinline__
@@ -122,6 +124,8 @@ struct TokenTileState {
 };
 
 constexpr int kTileStateFloats = 7;
+static_assert(sizeof(TokenTileState) == kTileStateFloats * sizeof(float),
+              "load_tile_state and store_tile_state move every field of TokenTileState");
 
 TDPO_HD TokenTileState empty_tile_state() { return {empty_state(), NAN, NAN}; }
 
@@ -182,6 +186,9 @@ TDPO_HD float token_grad_element(const TokenGradCoefs& c, float p_pol, float p_r
 // ---------------------------------------------------------------------------------
 // Pairwise preference loss.
 enum class Variant : int32_t { TDPO1 = 0, TDPO2 = 1, DPO = 2 };
+// Their names, indexed by Variant: the op's `variant` argument, and tdpo_ext.ops.VARIANTS
+// (exported by csrc/python_module.cpp).
+constexpr std::array<std::string_view, 3> kVariantNames = {"tdpo1", "tdpo2", "dpo"};
 
 // -logsigmoid(z) = softplus(-z), written so that neither branch overflows.
 TDPO_HD float neg_logsigmoid(float z) {

@@ -17,9 +17,9 @@ TORCH_LIBRARY(tdpo_ext, m) {
   // token_stats of rows that arrive in tiles of vocabulary columns (the fused LM head
   // computes the logits a tile at a time). token_stats_tile folds the tile of columns
   // [vocab_start, vocab_start + V) of each token's row into its running state
-  // ((N, T, 7) float32: the softmax state of both models and the two label logits; None
-  // before the first tile); token_stats_finish turns the state of whole rows into
-  // token_stats' five outputs. Labels must lie in [0, whole V): a tile cannot check them;
+  // ((N, T, kTileStateFloats) float32, csrc/tdpo_math.h: the softmax state of both models
+  // and the two label logits; None before the first tile); token_stats_finish turns the
+  // state of whole rows into token_stats' five outputs. Labels must lie in [0, whole V): a tile cannot check them;
   // a label that no tile held gives NaN.
   m.def(
       "token_stats_tile(Tensor policy_logits, Tensor ref_logits, Tensor targets, "
@@ -37,7 +37,8 @@ TORCH_LIBRARY(tdpo_ext, m) {
       "token_stats_backward(Tensor grad_logp_pol, Tensor grad_token_kl, Tensor policy_logits, "
       "Tensor ref_logits, Tensor targets, Tensor lse_pol, Tensor lse_ref, int ignore_index, "
       "int vocab_start=0) -> Tensor grad_policy_logits");
-  // Pairwise loss per pair (float32 (B,) inputs); variant is "tdpo1", "tdpo2" or "dpo".
+  // Pairwise loss per pair (float32 (B,) inputs); variant is one of kVariantNames
+  // (csrc/tdpo_math.h).
   m.def(
       "preference_loss(Tensor chosen_logps_margin, Tensor rejected_logps_margin, "
       "Tensor chosen_kl, Tensor rejected_kl, float beta, float alpha, str variant) "

@@ -11,9 +11,9 @@ from typing import NamedTuple
 
 import torch
 
-from . import _C  # noqa: F401  (loads the op registrations)
+from . import _C  # loads the op registrations; also the facts the C++ side owns
 
-VARIANTS = ("tdpo1", "tdpo2", "dpo")
+VARIANTS = _C.VARIANTS  # ("tdpo1", "tdpo2", "dpo"): kVariantNames in csrc/tdpo_math.h
 
 
 # ---------------------------------------------------------------------------------------
@@ -46,7 +46,7 @@ def _token_stats_backward_fake(grad_logp_pol, grad_token_kl, policy_logits, ref_
 # tdpo_ext::token_stats_tile and token_stats_finish: token_stats over rows that arrive in
 # tiles of vocabulary columns (used inside the fused LM-head ops, fused_linear.py; no
 # autograd: the fused ops have their own backward).
-TILE_STATE_FLOATS = 7  # kTileStateFloats in csrc/tdpo_math.h
+TILE_STATE_FLOATS = _C.TILE_STATE_FLOATS  # kTileStateFloats in csrc/tdpo_math.h
 
 
 @torch.library.register_fake("tdpo_ext::token_stats_tile")
@@ -147,7 +147,9 @@ def _check_labels(labels: torch.Tensor) -> None:
 
 def _check_hyper(beta: float, variant: str) -> None:
     if variant not in VARIANTS:
-        raise ValueError(f"tdpo_ext: unknown variant {variant!r}; expected one of {VARIANTS}")
+        # The preference_loss op's words (csrc/checks.cpp), so that both raise one message.
+        expected = ", ".join(repr(v) for v in VARIANTS)
+        raise ValueError(f"tdpo_ext: unknown variant {variant!r}; expected one of {expected}")
     if not beta > 0:
         raise ValueError(f"tdpo_ext: beta must be > 0, got {beta}")
 

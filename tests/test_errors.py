@@ -88,10 +88,12 @@ def test_empty_vocabulary(device):
 
 
 def test_unknown_variant(device):
-    with pytest.raises(ValueError, match="unknown variant 'ipo'"):
+    """The function checks the variant before the op's costly pass, with the op's words."""
+    with pytest.raises(ValueError, match="unknown variant 'ipo'") as function_error:
         tdpo_ext.tdpo_loss(*good_inputs(device), variant="ipo")
-    with pytest.raises(RuntimeError, match="unknown variant 'ipo'"):
+    with pytest.raises(RuntimeError, match="unknown variant 'ipo'") as op_error:
         torch.ops.tdpo_ext.preference_loss(*torch.zeros(4, 2, device=device), 0.1, 0.5, "ipo")
+    assert str(function_error.value) == str(op_error.value).splitlines()[0]
 
 
 @pytest.mark.parametrize("beta", [0.0, -0.1, float("nan")])

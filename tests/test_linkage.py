@@ -1,6 +1,6 @@
 """The extension shares torch's libstdc++ (setup.py's shared_libstdcxx_link_args).
 
-Built by a GCC that has only libstdc++.a (the GPU machine's /opt/gcc, 2026-11-27), the
+Built by a GCC that has only libstdc++.a (the /opt/gcc of a GPU machine we were lent), the
 extension carried a private static libstdc++: every error message that formats a number
 was cut short at it here and crashed the process with a segmentation fault there."""
 import shutil

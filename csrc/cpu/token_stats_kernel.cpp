@@ -19,8 +19,8 @@
 #include "../tdpo_math.h"
 
 // Under torch's OpenMP backend at::parallel_for is an inline `#pragma omp parallel`:
-// compiled without -fopenmp it runs every token on one thread, silently (these kernels
-// did until 2026-11-27). setup.py and CMakeLists.txt pass -fopenmp.
+// compiled without -fopenmp it runs every token on one thread, silently (as these kernels
+// once did). setup.py and CMakeLists.txt pass -fopenmp.
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
 #error "tdpo_ext: compile with -fopenmp, or at::parallel_for runs on one thread"
 #endif

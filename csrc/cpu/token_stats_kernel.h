@@ -1,6 +1,6 @@
 // The vectorized CPU kernels of the token-stats op. token_stats_kernel.cpp is compiled
 // once per CPU capability (as ATen's DispatchStub kernels are), each copy inside its own
-// namespace named by CPU_CAPABILITY; cpu_ops.cpp picks one at run time.
+// namespace named by CPU_CAPABILITY; token_stats_cpu.cpp picks one at run time.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,5 +1,5 @@
 """Runs every CUDA kernel of tdpo_ext on small inputs that reach each of its code paths,
-for compute-sanitizer (bench/gpu_check.sh runs it under memcheck and racecheck), and
+for compute-sanitizer (scripts/gpu/gpu_check.sh runs it under memcheck and racecheck), and
 compares each result with the CPU op on the same inputs.
 
 token_stats forward and backward: a warp per row (V <= 2048) and a block per row,
@@ -15,7 +15,7 @@ preference_loss forward and backward: every variant, several blocks of pairs.
 Inputs are made on the CPU and copied over, so that the sanitizers see few kernels
 besides tdpo_ext's. Exit status: 0 when every check passed, 1 otherwise.
 
-    python bench/sanitizer_case.py
+    python scripts/gpu/sanitizer_case.py
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # an in-place build of tdpo_ext
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # an in-place build of tdpo_ext
 import tdpo_ext  # noqa: E402
 
 IGNORE = -100
