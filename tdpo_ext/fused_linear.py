@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _C
 from .ops import (TDPOOutput, _check_hyper, _check_labels, pairwise_output, reduce_token_stats,
                   shift_labels)
 
@@ -158,18 +159,18 @@ def _tiles(chunk: int, n_tokens: int, policy_weight: Tensor, ref_weight: Tensor,
 # ---------------------------------------------------------------------------------------
 # The ops
 
-def _check_targets_in_vocab(targets_flat: Tensor, idx: Tensor, vocab: int, seq_len: int):
-    """A clear error, with the label's place in the batch, for an unmasked label outside
+def _check_targets_in_vocab(targets_flat: Tensor, idx: Tensor, vocab: int, seq_len: int,
+                            ignore_index: int):
+    """The ops' error, with the label's place in the batch, for an unmasked label outside
     the vocabulary (the tiled ops cannot check labels, and the whole-row kernel would
     name a position inside a block)."""
     t = targets_flat.index_select(0, idx)
     bad = (t < 0) | (t >= vocab)
     if bool(bad.any()):
         first = int(idx[bad.nonzero()[0, 0]])
-        row, pos = divmod(first, seq_len)
-        raise ValueError(
-            f"tdpo_ext: labels holds {int(targets_flat[first])} at row {row}, position "
-            f"{pos + 1}, outside the vocabulary [0, {vocab}) and not ignore_index")
+        row, position = divmod(first, seq_len)
+        raise ValueError(_C.bad_label_message(row, position, int(targets_flat[first]), vocab,
+                                              ignore_index))
 
 
 @torch.library.custom_op("tdpo_ext::fused_linear_token_stats", mutates_args=())
@@ -194,7 +195,7 @@ def _fused_linear_token_stats(policy_hidden: Tensor, policy_weight: Tensor,
     if idx.numel() == 0:
         return tuple(outs)
     vocab = policy_weight.shape[0]
-    _check_targets_in_vocab(tgt, idx, vocab, seq_len)
+    _check_targets_in_vocab(tgt, idx, vocab, seq_len, ignore_index)
     chunk = _chunk_for(chunk_size, idx.numel(), policy_weight, ref_weight)
     block, tile = _tiles(chunk, idx.numel(), policy_weight, ref_weight, backward=False)
     pol_buf, ref_buf = _tile_buffers(block * tile, (policy_hidden.dtype, ref_hidden.dtype),

@@ -433,5 +433,11 @@ def test_input_errors():
         fused_linear_tdpo_loss(*args, logit_softcap=-1.0)
     bad = args[4].clone()
     bad[2, 3] = 20
-    with pytest.raises(ValueError, match="holds 20 at row 2, position 3"):
+    with pytest.raises(ValueError) as fused_error:
         fused_linear_tdpo_loss(*args[:4], bad)
+    # The same words as the whole-row op's, which tdpo_loss raises for the same labels.
+    logits = torch.zeros(*bad.shape, 20)
+    with pytest.raises(RuntimeError) as op_error:
+        tdpo_loss(logits, logits, bad)
+    assert "holds 20 at row 2 (predicted by logits position 2)" in str(fused_error.value)
+    assert str(op_error.value).splitlines()[0] == str(fused_error.value)
