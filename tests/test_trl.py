@@ -233,3 +233,13 @@ def test_two_processes_equal_one(tmp_path):
         torch.testing.assert_close(rank0[name], one[name], rtol=1e-5, atol=1e-5,
                                    msg=lambda m, n=name: f"{n}: {m}")
     assert not torch.equal(one["lm_head.weight"], start["lm_head.weight"])
+
+
+def test_sync_ref_model(tmp_path):
+    """TR-DPO's reference sync works as in DPOTrainer: with mixup alpha 1 after each step,
+    the second step's reference is the policy itself (KL 0, loss ln 2)."""
+    trainer, _ = train(tmp_path, sync_ref_model=True, ref_model_sync_steps=1,
+                       ref_model_mixup_alpha=1.0, max_steps=2)
+    first, second = (h for h in trainer.state.log_history if "loss" in h)
+    assert first["kl/rejected"] > 1e-3 and second["kl/rejected"] == pytest.approx(0, abs=1e-6)
+    assert trainer.steps[1][1].item() == pytest.approx(math.log(2), abs=1e-6)
