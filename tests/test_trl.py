@@ -243,3 +243,18 @@ def test_sync_ref_model(tmp_path):
     first, second = (h for h in trainer.state.log_history if "loss" in h)
     assert first["kl/rejected"] > 1e-3 and second["kl/rejected"] == pytest.approx(0, abs=1e-6)
     assert trainer.steps[1][1].item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_checkpointing_bf16_and_eval(tmp_path):
+    """TRL's defaults beyond the fast test settings: gradient checkpointing and bf16
+    autocast, fused head against the logits path (to bf16 rounding), and evaluation
+    logging the same metrics under eval_."""
+    losses = []
+    for fused in (True, False):
+        trainer, _ = train(tmp_path / str(fused), gradient_checkpointing=True, bf16=True,
+                           use_fused_linear=fused, max_steps=2)
+        losses.append(torch.stack([loss for _, loss in trainer.steps]))
+    torch.testing.assert_close(losses[0], losses[1], rtol=2e-2, atol=0)
+    metrics = trainer.evaluate(make_dataset(4, seed=3))
+    for name in ("loss", "rewards/accuracies", "kl/chosen", "kl/rejected", "kl/margin"):
+        assert math.isfinite(metrics[f"eval_{name}"]), name
