@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tdpo_ext import train
+from tdpo_ext.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_PIPELINE = ["--sft-steps", "4", "--sft-batch-size", "8", "--pair-prompts", "24",
@@ -31,7 +31,7 @@ def env():
 
 
 def tdpo_train(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "tdpo_ext.train", *map(str, args)], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "tdpo_ext.training.train", *map(str, args)], cwd=ROOT,
                        env=env(), capture_output=True, text=True, timeout=300)
     if check and p.returncode != 0:
         raise AssertionError(f"tdpo-train failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
@@ -127,7 +127,7 @@ def test_ddp_two_processes_first_step_loss_equals_one_process(tmp_path, pairs):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     tdpo_train(*common, "--out", single)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "tdpo_ext.train",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "tdpo_ext.training.train",
            *common, "--out", str(ddp)]
     p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -145,7 +145,7 @@ def save_tiny_llama(folder):
     tokenizer over the built-in vocabulary, saved to folder."""
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
-    from tdpo_ext import models as M
+    from tdpo_ext.training import models as M
     words = M.builtin_tokenizer().words
     vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>"] + words[3:])}
     tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
@@ -167,7 +167,7 @@ def test_transformers_model_from_a_folder(tmp_path, pairs, capsys):
     """--model DIR with a (tiny, random) transformers causal LM and its tokenizer: trains,
     writes a save_pretrained folder that loads again as --model."""
     transformers = pytest.importorskip("transformers")
-    from tdpo_ext import models as M
+    from tdpo_ext.training import models as M
     folder = save_tiny_llama(tmp_path / "hf_model")
     out = tmp_path / "run"
     rc = train.main(["--model", str(folder), "--data", pairs, "--task", "sentiment",

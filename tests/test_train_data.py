@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 
-from tdpo_ext import data as D
-from tdpo_ext import losses
-from tdpo_ext import models as M
-from tdpo_ext import tasks as T
-from tdpo_ext import train
+from tdpo_ext.training import data as D
+from tdpo_ext.training import losses
+from tdpo_ext.training import models as M
+from tdpo_ext.training import tasks as T
+from tdpo_ext.training import train
 
 
 def write(path, lines):

@@ -1,5 +1,5 @@
 """The frontier experiment's bookkeeping (the runs themselves are the training loop's)."""
-from tdpo_ext import experiment as E
+from tdpo_ext.training import experiment as E
 
 
 def pt(method, beta, seed, step, reward, kl):

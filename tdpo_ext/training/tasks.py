@@ -2,15 +2,17 @@
 
 - "sentiment" (the embedded default): a miniature of the TDPO paper's controlled-sentiment
   experiment (IMDb prefixes, GPT-2, a sentiment classifier as reward). Here: a corpus of
-  short synthetic movie reviews (tdpo_ext/data/reviews.txt), prompts that are their first
-  words, the tiny built-in GPT, and as reward the VADER compound score of prompt + response
-  (VADER's own lexicon values, tdpo_ext/data/vader_lexicon_subset.tsv, scored by a port of
-  VADER's rules: equal to vaderSentiment's compound on lower-case text without emoji;
-  tests/test_train_tasks.py checks it against the package when it is installed).
+  short synthetic movie reviews (tdpo_ext/training/assets/reviews.txt), prompts that are
+  their first words, the tiny built-in GPT, and as reward the VADER compound score of
+  prompt + response (VADER's own lexicon values,
+  tdpo_ext/training/assets/vader_lexicon_subset.tsv, scored by a port of VADER's rules:
+  equal to vaderSentiment's compound on lower-case text without emoji; tests/test_train_data.py
+  checks it against the package when it is installed).
 - "movie-reviews": SmolLM2-135M-Instruct asked for short movie reviews, its responses
   scored by the VADER compound score of the vadersentiment package.
 
-`python -m tdpo_ext.tasks write-data` regenerates the embedded data files (deterministic).
+`python -m tdpo_ext.training.tasks write-data` regenerates the embedded data files
+(deterministic).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import random
 import string
 import sys
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+from . import ASSETS_DIR
+
 
 # ---------------------------------------------------------------------------------------
 # VADER's compound score (Hutto & Gilbert, 2014; MIT licence), ported from vaderSentiment
@@ -52,7 +55,7 @@ SPECIAL_CASES = {"the shit": 3, "the bomb": 3, "bad ass": 1.5, "badass": 1.5, "b
 
 
 def load_lexicon(path: str | None = None) -> dict[str, float]:
-    path = path or os.path.join(DATA_DIR, "vader_lexicon_subset.tsv")
+    path = path or os.path.join(ASSETS_DIR, "vader_lexicon_subset.tsv")
     lexicon = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -229,19 +232,19 @@ def make_review(rng: random.Random) -> str:
 def write_data(n_reviews: int = 4000, seed: int = 1234) -> None:
     rng = random.Random(seed)
     reviews = [make_review(rng) for _ in range(n_reviews)]
-    with open(os.path.join(DATA_DIR, "reviews.txt"), "w", encoding="utf-8") as f:
+    with open(os.path.join(ASSETS_DIR, "reviews.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(reviews) + "\n")
     words = sorted({w for r in reviews for w in r.split()})
-    with open(os.path.join(DATA_DIR, "vocab.txt"), "w", encoding="utf-8") as f:
+    with open(os.path.join(ASSETS_DIR, "vocab.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(["<pad>", "<eos>", "<unk>"] + words) + "\n")
     from vaderSentiment import vaderSentiment as vs  # the lexicon's source
     full = load_lexicon(os.path.join(os.path.dirname(vs.__file__), "vader_lexicon.txt"))
-    with open(os.path.join(DATA_DIR, "vader_lexicon_subset.tsv"), "w", encoding="utf-8") as f:
+    with open(os.path.join(ASSETS_DIR, "vader_lexicon_subset.tsv"), "w", encoding="utf-8") as f:
         f.write("# The entries of VADER's vader_lexicon.txt (vaderSentiment 3.3.2, MIT licence,\n"
                 "# C.J. Hutto) for the words of vocab.txt: word <tab> mean valence.\n")
         f.writelines(f"{w}\t{full[w]}\n" for w in words if w in full)
     print(f"wrote {len(reviews)} reviews, {len(words)} words, "
-          f"{sum(w in full for w in words)} lexicon entries to {DATA_DIR}")
+          f"{sum(w in full for w in words)} lexicon entries to {ASSETS_DIR}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -258,7 +261,7 @@ class SentimentTask:
 
     def __init__(self):
         self.lexicon = load_lexicon()
-        with open(os.path.join(DATA_DIR, "reviews.txt"), encoding="utf-8") as f:
+        with open(os.path.join(ASSETS_DIR, "reviews.txt"), encoding="utf-8") as f:
             self.reviews = [line.strip() for line in f if line.strip()]
         n_eval = len(self.reviews) // 10
         self.eval_reviews, self.train_reviews = self.reviews[:n_eval], self.reviews[n_eval:]
@@ -327,4 +330,4 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["write-data"]:
         write_data()
     else:
-        print("usage: python -m tdpo_ext.tasks write-data")
+        print("usage: python -m tdpo_ext.training.tasks write-data")

@@ -55,7 +55,7 @@ def run_one(base, out, method, beta, seed, args):
     if os.path.isfile(os.path.join(folder, "summary.json")):
         return folder
     loss, alpha = METHODS[method]
-    cmd = [sys.executable, "-m", "tdpo_ext.train", "--task", "sentiment",
+    cmd = [sys.executable, "-m", "tdpo_ext.training.train", "--task", "sentiment",
            "--model", os.path.join(base, "sft", "final"),
            "--data", os.path.join(base, "pairs_train.jsonl"),
            "--eval-data", os.path.join(base, "pairs_eval.jsonl"),
@@ -63,7 +63,7 @@ def run_one(base, out, method, beta, seed, args):
            "--steps", str(args.steps), "--eval-every", str(args.eval_every),
            "--lr", str(args.lr), "--eval-prompts", str(args.eval_prompts), "--no-plots"]
     if os.path.isfile(os.path.join(folder, "checkpoint", "state.pt")):
-        cmd = [sys.executable, "-m", "tdpo_ext.train", "--resume", folder]
+        cmd = [sys.executable, "-m", "tdpo_ext.training.train", "--resume", folder]
     else:
         import shutil
         shutil.rmtree(folder, ignore_errors=True)
@@ -184,8 +184,8 @@ def report(points, methods, betas, seeds, args, docs, runtime_s, command):
     lines = ["# Reward / KL frontier on the embedded sentiment task", "",
              "Made by (on this repository's 2-core CPU machine, "
              f"{runtime_s / 60:.0f} min wall clock):", "", "```", command, "```", "",
-             f"Setup: the embedded default task (tdpo_ext/tasks.py): one SFT model and one set "
-             f"of preference pairs, then each method trained {args.steps} steps "
+             "Setup: the embedded default task (tdpo_ext/training/tasks.py): one SFT model and "
+             f"one set of preference pairs, then each method trained {args.steps} steps "
              f"(lr {args.lr}, 32 pairs a step) from the same SFT model for each beta in "
              f"{betas} and seed in {seeds}, evaluated every {args.eval_every} steps on "
              f"{args.eval_prompts} held-out prompts: the mean VADER compound score of one policy "

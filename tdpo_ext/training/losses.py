@@ -7,10 +7,10 @@ import torch
 
 from . import data as D
 from . import models as M
-from .fused_linear import fused_linear_tdpo_loss, lm_head_of
-from .ops import tdpo_loss
+from ..fused_linear import fused_linear_tdpo_loss, lm_head_of
+from ..ops import tdpo_loss
 from .processes import all_sum
-from .reference import reference_tdpo_loss
+from ..reference import reference_tdpo_loss
 
 
 def sft_logps(logits, labels):

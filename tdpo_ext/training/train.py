@@ -3,8 +3,8 @@ the loss computed by tdpo_ext's fused ops (or, with --loss-impl reference, by th
 code's pattern).
 
 With no arguments it runs the embedded default end to end (task "sentiment", see
-tdpo_ext/tasks.py): supervised fine-tuning of the tiny built-in GPT on a review corpus,
-preference pairs made by sampling two completions per prompt and ranking them by VADER
+tdpo_ext/training/tasks.py): supervised fine-tuning of the tiny built-in GPT on a review
+corpus, preference pairs made by sampling two completions per prompt and ranking them by VADER
 sentiment, then TDPO2, with the task reward of policy samples before and after. With
 --data FILE.jsonl it trains on your pairs. Same command under
 `torchrun --nproc_per_node=N` trains with DistributedDataParallel.

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+from . import ASSETS_DIR
+
 TINY_CONFIG_FILE = "tiny_gpt.json"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -186,7 +187,7 @@ class TinyGPT(nn.Module):
 # Loading and saving
 
 def builtin_tokenizer() -> WordTokenizer:
-    return WordTokenizer.from_file(os.path.join(DATA_DIR, "vocab.txt"))
+    return WordTokenizer.from_file(os.path.join(ASSETS_DIR, "vocab.txt"))
 
 
 def smollm2_dir() -> str:

@@ -6,7 +6,7 @@ import torch
 
 from . import data as D
 from . import models as M
-from .ops import sequence_stats
+from ..ops import sequence_stats
 from .processes import log
 
 
