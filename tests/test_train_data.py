@@ -51,6 +51,14 @@ def test_malformed_line_fails_the_cli(tmp_path, capsys):
     assert f"{p}:2: not valid JSON" in capsys.readouterr().err
 
 
+def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path):
+    good = json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}).encode()
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(good + b"\n" + good.replace(b'"b"', b'"caf\xe9"') + b"\n")
+    with pytest.raises(D.DataError, match=f"{p}:2: not UTF-8 text"):
+        D.load_jsonl(str(p))
+
+
 def test_tokenization_matches_reference_code():
     tok = M.builtin_tokenizer()
     enc, eos = tok.encode, tok.eos_token_id
