@@ -12,6 +12,7 @@ from tdpo_ext.training import losses
 from tdpo_ext.training import models as M
 from tdpo_ext.training import tasks as T
 from tdpo_ext.training import train
+from tdpo_ext.training.config import Config
 
 
 def write(path, lines):
@@ -131,8 +132,7 @@ def test_fused_and_reference_loss_impl_agree_in_the_loop(loss):
     batch = D.collate(items, tok.pad_token_id)
     results = {}
     for impl in ("fused", "reference"):
-        cfg = {"loss": loss, "loss_impl": impl, "beta": 0.3, "alpha": 0.5,
-               "average_log_prob": False}
+        cfg = Config(loss=loss, loss_impl=impl, beta=0.3, alpha=0.5)
         policy.zero_grad()
         value, metrics = losses.batch_loss(policy, ref, batch, cfg, "train")
         value.backward()

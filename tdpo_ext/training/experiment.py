@@ -33,21 +33,19 @@ def slug(method, beta, seed):
 
 
 def prepare_base(out, args):
-    """SFT model + pairs, once, with the embedded task's settings."""
-    from . import train
+    """SFT model + pairs, once (each is skipped when done), with the embedded task's
+    settings."""
+    from .config import resolve
+    from .pipeline import prepare_task_data
     from .processes import seed_all
     from .tasks import get_task
-    argv = ["--out", out, "--seed", "0"]
+    given = {"out": out, "seed": 0}
     if args.quick:
-        argv += ["--sft-steps", "4", "--pair-prompts", "32", "--eval-data-size", "8"]
-    cfg = train.resolve(train.build_parser().parse_args(argv))
-    if os.path.isfile(os.path.join(out, "pairs_stats.json")):
-        return cfg
+        given |= {"sft_steps": 4, "pair_prompts": 32, "eval_data_size": 8}
+    cfg = resolve(given)
     os.makedirs(out, exist_ok=True)
-    import torch
-    seed_all(cfg["seed"])
-    train.prepare_task_data(cfg, get_task("sentiment"), 0, 1, torch.device("cpu"), {})
-    return cfg
+    seed_all(cfg.seed)
+    prepare_task_data(cfg, get_task("sentiment"))
 
 
 def run_one(base, out, method, beta, seed, args):
@@ -62,7 +60,7 @@ def run_one(base, out, method, beta, seed, args):
            "--loss", loss, "--beta", str(beta), "--alpha", str(alpha), "--seed", str(seed),
            "--steps", str(args.steps), "--eval-every", str(args.eval_every),
            "--lr", str(args.lr), "--eval-prompts", str(args.eval_prompts), "--no-plots"]
-    if os.path.isfile(os.path.join(folder, "checkpoint", "state.pt")):
+    if os.path.isfile(os.path.join(folder, "checkpoint.pt")):
         cmd = [sys.executable, "-m", "tdpo_ext.training.train", "--resume", folder]
     else:
         import shutil

@@ -21,54 +21,53 @@ def sft_logps(logits, labels):
     return (logp * mask).sum(-1)
 
 
-def check_fused_linear(cfg, policy, ref, world: int) -> None:
-    """Refuses --fused-linear, with the reason, where it cannot run."""
-    if not cfg.get("fused_linear"):
-        return
+def fused_heads(cfg, policy, ref, world: int):
+    """(policy's, reference's) (body, head weight, head bias) for --fused-linear, found once
+    per run (the weights are the models' own parameters, updated in place); None without
+    --fused-linear. Refuses, with the reason, where it cannot run."""
+    if not cfg.fused_linear:
+        return None
     why = None
-    if cfg["loss"] == "sft" or cfg["loss_impl"] != "fused":
+    if cfg.loss == "sft" or cfg.loss_impl != "fused":
         why = "it needs a preference loss and --loss-impl fused"
     elif world > 1:
         why = ("DistributedDataParallel synchronizes gradients through the wrapped model's "
                "forward, which --fused-linear bypasses; run one process")
     elif isinstance(policy, M.TinyGPT):
         why = "the built-in tiny model has no separable LM head; use a transformers model"
-    if why is None:
+    else:
         try:
-            lm_head_of(policy)
-            lm_head_of(ref)
+            return lm_head_of(policy), lm_head_of(ref)
         except ValueError as e:
             why = str(e)
-    if why is not None:
-        raise SystemExit(f"tdpo-train: --fused-linear: {why}")
+    raise SystemExit(f"tdpo-train: --fused-linear: {why}")
 
 
-def forward_hidden_and_head(model, batch):
-    """(last hidden states, head weight, head bias) of a model that lm_head_of fuses."""
-    body, weight, bias = lm_head_of(M.unwrap(model))
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  use_cache=False).last_hidden_state
-    return hidden, weight, bias
+def _hidden(body, batch):
+    return body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                use_cache=False).last_hidden_state
 
 
-def batch_loss(policy, ref, batch, cfg, split: str):
-    """(mean loss, per-pair metric tensors named as in the reference implementation)."""
-    kw = dict(beta=cfg["beta"], alpha=cfg["alpha"], variant=cfg["loss"],
-              average_log_prob=cfg["average_log_prob"])
-    if cfg.get("fused_linear") and cfg["loss"] != "sft":
-        hidden, weight, bias = forward_hidden_and_head(policy, batch)
+def batch_loss(policy, ref, batch, cfg, split: str, heads=None):
+    """(mean loss, per-pair metric tensors named as in the reference implementation).
+    heads: fused_heads(...) for --fused-linear."""
+    kw = dict(beta=cfg.beta, alpha=cfg.alpha, variant=cfg.loss,
+              average_log_prob=cfg.average_log_prob)
+    if heads is not None:
+        (body, weight, bias), (ref_body, ref_weight, ref_bias) = heads
+        hidden = _hidden(body, batch)
         with torch.no_grad():
-            ref_hidden, ref_weight, ref_bias = forward_hidden_and_head(ref, batch)
+            ref_hidden = _hidden(ref_body, batch)
         out = fused_linear_tdpo_loss(hidden, weight, ref_hidden, ref_weight, batch["labels"],
                                      policy_bias=bias, ref_bias=ref_bias, **kw)
         return out.loss, pair_metrics(out, split)
     logits = M.forward_logits(policy, batch["input_ids"], batch["attention_mask"])
-    if cfg["loss"] == "sft":
+    if cfg.loss == "sft":
         logps = sft_logps(logits, batch["labels"])
         return -logps.mean(), {"loss": -logps.detach(), f"logps_{split}/chosen": logps.detach()}
     with torch.no_grad():
         ref_logits = M.forward_logits(ref, batch["input_ids"], batch["attention_mask"])
-    fn = tdpo_loss if cfg["loss_impl"] == "fused" else reference_tdpo_loss
+    fn = tdpo_loss if cfg.loss_impl == "fused" else reference_tdpo_loss
     out = fn(logits, ref_logits, batch["labels"], **kw)
     return out.loss, pair_metrics(out, split)
 

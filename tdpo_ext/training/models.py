@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass
 
 import torch
@@ -263,15 +264,22 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device="cpu",
 
 
 def save_model(model, tokenizer, folder: str) -> None:
-    os.makedirs(folder, exist_ok=True)
+    """Writes model and tokenizer to a folder beside `folder`, renamed into place once
+    complete: a kill leaves no `folder` or a whole one, never a partial one that a resumed
+    run would take for finished."""
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     model = unwrap(model)
     if isinstance(model, TinyGPT):
-        with open(os.path.join(folder, TINY_CONFIG_FILE), "w") as f:
+        with open(os.path.join(tmp, TINY_CONFIG_FILE), "w") as f:
             json.dump(asdict(model.config), f, indent=1)
-        torch.save(model.state_dict(), os.path.join(folder, "model.pt"))
+        torch.save(model.state_dict(), os.path.join(tmp, "model.pt"))
     else:
-        model.save_pretrained(folder)
-    tokenizer.save(folder)
+        model.save_pretrained(tmp)
+    tokenizer.save(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
 
 
 def unwrap(model):

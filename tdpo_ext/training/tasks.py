@@ -253,11 +253,9 @@ def write_data(n_reviews: int = 4000, seed: int = 1234) -> None:
 class SentimentTask:
     """The embedded miniature of the paper's controlled-sentiment (IMDb) experiment."""
     name = "sentiment"
-    defaults = dict(model="tiny", loss="tdpo2", beta=0.1, alpha=0.5, lr=3e-4, steps=150,
-                    batch_size=32, grad_accum=1, max_length=64, max_prompt_length=16,
-                    eval_every=50, warmup_steps=10, sft_steps=250, sft_lr=2e-3,
-                    sft_batch_size=32, pair_prompts=2048, eval_prompts=128,
-                    max_new_tokens=28, eval_data_size=128)
+    # Settings that differ from tdpo-train's defaults (config.Config) for this task.
+    preset = dict(lr=3e-4, steps=150, max_length=64, max_prompt_length=16, eval_every=50,
+                  pair_prompts=2048, eval_prompts=128, max_new_tokens=28, eval_data_size=128)
 
     def __init__(self):
         self.lexicon = load_lexicon()
@@ -285,10 +283,9 @@ class MovieReviewTask:
     """SmolLM2 writes short movie reviews; reward: VADER compound (vadersentiment)."""
     name = "movie-reviews"
     # The recorded run's settings (docs/TRAINING.md): about half an hour on 2 CPU cores.
-    defaults = dict(model="smollm2", loss="tdpo2", beta=0.1, alpha=0.5, lr=2e-5, steps=12,
-                    batch_size=4, grad_accum=1, max_length=160, max_prompt_length=96,
-                    eval_every=6, warmup_steps=2, pair_prompts=64, eval_prompts=24,
-                    max_new_tokens=40, eval_data_size=8)
+    preset = dict(model="smollm2", lr=2e-5, steps=12, batch_size=4, max_length=160,
+                  max_prompt_length=96, eval_every=6, warmup_steps=2, pair_prompts=64,
+                  eval_prompts=24, max_new_tokens=40, eval_data_size=8)
     GENRES = ("horror", "romantic comedy", "science fiction", "animated", "crime", "war",
               "western", "musical", "superhero", "documentary", "fantasy", "spy", "sports",
               "disaster", "mystery", "family")
