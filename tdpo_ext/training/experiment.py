@@ -20,6 +20,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from .loop import num
+
 METHODS = {"DPO": ("dpo", 0.5), "TDPO1": ("tdpo1", 0.5), "TDPO2 a=0.1": ("tdpo2", 0.1),
            "TDPO2 a=0.5": ("tdpo2", 0.5), "TDPO2 a=1.0": ("tdpo2", 1.0)}
 NOISE = 0.03
@@ -199,9 +201,10 @@ def report(points, methods, betas, seeds, args, docs, runtime_s, command):
         for b in betas:
             r = next(r for r in means if r["method"] == m and r["beta"] == b
                      and r["step"] == last_step)
-            lines.append(f"| {m} | {b} | {r['reward']:.3f} | {r['sample_kl']:.2f} | "
-                         f"{r['kl_chosen']:.2f} | {r['kl_rejected']:.2f} | "
-                         f"{r['kl_rejected'] - r['kl_chosen']:.2f} | {r['accuracy']:.3f} |")
+            lines.append(f"| {m} | {b} | {num(r['reward'])} | {num(r['sample_kl'], 2)} | "
+                         f"{num(r['kl_chosen'], 2)} | {num(r['kl_rejected'], 2)} | "
+                         f"{num(r['kl_rejected'] - r['kl_chosen'], 2)} | "
+                         f"{num(r['accuracy'])} |")
     start = next(r for r in means if r["step"] == 0)
     lines += ["", f"Before preference training (step 0): task reward {start['reward']:.3f}.", ""]
     top = max(r["sample_kl"] for r in means)
@@ -239,7 +242,7 @@ def report(points, methods, betas, seeds, args, docs, runtime_s, command):
                          f"at {sum(x < -NOISE for x in d)} of {len(d)} "
                          f"(differences {', '.join(f'{x:+.3f}' for x in d)}).")
     lines += ["- Final rejected-minus-chosen eval KL per beta: " + "; ".join(
-        f"{m} " + ", ".join(f"{g:.2f}" for g in gap[m].values()) for m in methods) + "."]
+        f"{m} " + ", ".join(num(g, 2) for g in gap[m].values()) for m in methods) + "."]
     path, notes = os.path.join(docs, "frontier.md"), ""
     if os.path.isfile(path):  # hand-written notes after the marker survive a re-report
         with open(path) as f:
