@@ -231,3 +231,10 @@ def test_a_bigger_model_without_data_is_refused_with_a_command_that_works():
     assert cfg.task == "movie-reviews" and cfg.steps == 2
     for path in (cfg.data, cfg.eval_data):
         assert os.path.isfile(path), path
+
+
+def test_the_library_imports_no_training_dependency():
+    p = run_python("-c", "import sys, tdpo_ext; print(sorted(m for m in sys.modules if "
+                   "m.split('.')[0] in ('transformers', 'matplotlib', 'datasets', 'trl') "
+                   "or m.startswith('tdpo_ext.training')))")
+    assert p.stdout.strip() == "[]"
