@@ -13,7 +13,7 @@ import torch
 from training_runs import (ROOT, TINY_PIPELINE, assert_same_params, final_params, pairs,
                            read_metrics, run_python, tdpo_train, without_time)
 
-from tdpo_ext.training import config, hooks, train
+from tdpo_ext.training import config, hooks, losses, pipeline, train
 from tdpo_ext.training import models as M
 
 assert pairs  # a fixture
@@ -183,10 +183,15 @@ def test_transformers_model_from_a_folder(tmp_path, pairs, capsys):
     assert isinstance(model, transformers.LlamaForCausalLM)
 
 
-def test_fused_linear_matches_materialized_logits(tmp_path, pairs, capsys):
+def test_fused_linear_matches_materialized_logits(tmp_path, pairs, capsys, monkeypatch):
     """--fused-linear (hidden states + LM-head weight, no logits) trains a transformers
-    model to the same losses and parameters as the materialized-logits path."""
+    model to the same losses and parameters as the materialized-logits path, finding each
+    model's LM head once, not at every step."""
     folder = save_tiny_llama(tmp_path / "hf_model")
+    heads_found = []
+    monkeypatch.setattr(losses, "lm_head_of",
+                        lambda model, real=losses.lm_head_of: heads_found.append(model) or
+                        real(model))
     common = ["--model", folder, "--data", pairs, "--task", "none", "--steps", "3",
               "--batch-size", "4", "--eval-every", "3", "--lr", "1e-3", "--no-plots"]
     runs = {}
@@ -201,8 +206,9 @@ def test_fused_linear_matches_materialized_logits(tmp_path, pairs, capsys):
         assert b["loss/train"] == pytest.approx(a["loss/train"], rel=1e-4, abs=1e-6)
         assert b["kl_train/rejected"] == pytest.approx(a["kl_train/rejected"], rel=1e-3,
                                                        abs=1e-6)
-    config = json.loads((runs["fused_linear"] / "config.json").read_text())
-    assert config["fused_linear"] is True
+    saved = json.loads((runs["fused_linear"] / "config.json").read_text())
+    assert saved["fused_linear"] is True
+    assert len(heads_found) == 2  # policy and reference, for 3 steps and 2 evaluations
 
 
 def test_fused_linear_refuses_the_tiny_model(tmp_path, pairs):
@@ -238,3 +244,14 @@ def test_the_library_imports_no_training_dependency():
                    "m.split('.')[0] in ('transformers', 'matplotlib', 'datasets', 'trl') "
                    "or m.startswith('tdpo_ext.training')))")
     assert p.stdout.strip() == "[]"
+
+
+def test_long_stages_on_cpu_are_announced_before_they_start(capsys):
+    cpu = torch.device("cpu")
+    big = torch.nn.Linear(15_000, 9_000, device="meta")  # 135 M parameters, no memory
+    pipeline.announce_cost("[tdpo2] 12 steps", big, 12 * 8 * 90, 4, cpu)
+    assert "[tdpo2] 12 steps: a 135 M-parameter model on CPU, roughly 8 min" in \
+        capsys.readouterr().out
+    pipeline.announce_cost("[tdpo2] 150 steps", M.load_model("tiny")[0], 150 * 64 * 40, 4, cpu)
+    pipeline.announce_cost("[tdpo2] 12 steps", big, 12 * 8 * 90, 4, torch.device("meta"))
+    assert capsys.readouterr().out == ""
