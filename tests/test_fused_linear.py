@@ -1,7 +1,6 @@
 """fused_linear_tdpo_loss against tdpo_loss on the materialized logits (and so against
 the oracle), on each device (the CUDA path: cuBLAS matmuls and the CUDA token-stats
-kernels), its memory bound and torch.compile. Nothing here needs transformers
-(tests/test_lm_head_of.py covers the Hugging Face model surgery)."""
+kernels), its memory bound, and torch.compile."""
 from __future__ import annotations
 
 import json
@@ -66,14 +65,22 @@ def run_fused(inputs, **kw):
 
 
 def run_materialized(inputs, **kw):
-    """tdpo_loss on the logits an nn.Linear head would give, and the same gradients."""
-    kw = {k: v for k, v in kw.items() if k != "chunk_size"}
+    """tdpo_loss on the logits an nn.Linear head (scaled and soft-capped as the model
+    would) gives, and the same gradients."""
+    scale, softcap = kw.get("logit_scale", 1.0), kw.get("logit_softcap")
+    kw = {k: v for k, v in kw.items() if k not in ("chunk_size", "logit_scale",
+                                                   "logit_softcap")}
     leaves = {k: v.detach().clone().requires_grad_(k.startswith("policy"))
               for k, v in inputs.items() if v is not None and k != "labels"}
-    policy_logits = F.linear(leaves["policy_hidden"], leaves["policy_weight"],
-                             leaves.get("policy_bias"))
+
+    def logits(name):
+        z = F.linear(leaves[f"{name}_hidden"], leaves[f"{name}_weight"],
+                     leaves.get(f"{name}_bias")) * scale
+        return torch.tanh(z / softcap) * softcap if softcap else z
+
+    policy_logits = logits("policy")
     with torch.no_grad():
-        ref_logits = F.linear(leaves["ref_hidden"], leaves["ref_weight"], leaves.get("ref_bias"))
+        ref_logits = logits("ref")
     out = tdpo_loss(policy_logits, ref_logits, inputs["labels"], **kw)
     return out, _grads(out, leaves)
 
@@ -128,6 +135,8 @@ def cases(draw):
         beta=draw(st.sampled_from([0.1, 0.5, 2.0])), alpha=draw(st.sampled_from([0.0, 0.5, 1.0])),
         ignore_index=draw(st.sampled_from([-100, -1])),
         scale=draw(st.sampled_from([1.0, 4.0])),
+        logit_scale=draw(st.sampled_from([1.0, 1.0, 0.5, 3.0])),
+        logit_softcap=draw(st.sampled_from([None, None, 2.0, 30.0])),
         seed=draw(st.integers(0, 2 ** 16)))
 
 
@@ -135,7 +144,7 @@ def cases(draw):
 def test_matches_materialized(device, case):
     case = dict(case, device=device)
     kw = {k: case.pop(k) for k in ("chunk_size", "variant", "average_log_prob", "beta",
-                                   "alpha")}
+                                   "alpha", "logit_scale", "logit_softcap")}
     kw["ignore_index"] = case["ignore_index"]
     inputs = make_inputs(**case)
     assert_matches(run_fused(inputs, **kw), run_materialized(inputs, **kw), case["pol_dtype"])
@@ -150,12 +159,15 @@ def test_variants_and_chunk_sizes(device, variant, chunk_size):
 
 
 @pytest.mark.parametrize("variant", tdpo_ext.ops.VARIANTS)
-@pytest.mark.parametrize("vocab,pol_dtype,ref_dtype", [(1000, torch.float32, torch.float32),
-                                                       (777, torch.bfloat16, torch.float32)])
-def test_vocabulary_tiles(device, variant, vocab, pol_dtype, ref_dtype):
+@pytest.mark.parametrize("vocab,pol_dtype,ref_dtype,transform", [
+    (1000, torch.float32, torch.float32, {}),
+    (777, torch.bfloat16, torch.float32, {}),
+    (1000, torch.float32, torch.float32, dict(logit_scale=0.7, logit_softcap=1.5))])
+def test_vocabulary_tiles(device, variant, vocab, pol_dtype, ref_dtype, transform):
     """A budget of 2 tokens' rows cuts 40 tokens into blocks of 10 by tiles of a few hundred
-    columns, in both directions: the weight, bias and label offsets of every tile (the
-    small vocabularies of the property test fit in one tile)."""
+    columns, in both directions: the weight, bias and label offsets of every tile, and the
+    logit transform applied tile by tile (the small vocabularies of the property test fit
+    in one tile)."""
     from tdpo_ext.fused_linear import _tiles
     inputs = make_inputs(4, 10, 8, 6, vocab, pol_dtype=pol_dtype, ref_dtype=ref_dtype,
                          bias=True, mask_frac=0.0, seed=12, device=device)
@@ -164,7 +176,7 @@ def test_vocabulary_tiles(device, variant, vocab, pol_dtype, ref_dtype):
         block, tile = _tiles(2, 40, inputs["policy_weight"], inputs["ref_weight"],
                              backward=backward)
         assert 1 < block < 40 and 1 < tile < vocab, (backward, block, tile)
-    kw = dict(variant=variant, chunk_size=2)
+    kw = dict(variant=variant, chunk_size=2, **transform)
     assert_matches(run_fused(inputs, **kw), run_materialized(inputs, **kw), pol_dtype)
 
 
@@ -276,7 +288,7 @@ def test_fake_kernels_match_real_ops():
     targets = tdpo_ext.shift_labels(inputs["labels"])
     args = (inputs["policy_hidden"].requires_grad_(), inputs["policy_weight"].requires_grad_(),
             inputs["policy_bias"], inputs["ref_hidden"], inputs["ref_weight"],
-            inputs["ref_bias"], targets, -100, 3)
+            inputs["ref_bias"], targets, -100, 3, 0.5, 2.0)
     torch.library.opcheck(torch.ops.tdpo_ext.fused_linear_token_stats.default, args,
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))
@@ -415,6 +427,10 @@ def test_input_errors():
         fused_linear_tdpo_loss(*args, chunk_size=0)
     with pytest.raises(ValueError, match="unknown variant"):
         fused_linear_tdpo_loss(*args, variant="ipo")
+    with pytest.raises(ValueError, match="logit_scale must be finite and nonzero"):
+        fused_linear_tdpo_loss(*args, logit_scale=0.0)
+    with pytest.raises(ValueError, match="logit_softcap must be None or > 0"):
+        fused_linear_tdpo_loss(*args, logit_softcap=-1.0)
     bad = args[4].clone()
     bad[2, 3] = 20
     with pytest.raises(ValueError, match="holds 20 at row 2, position 3"):

@@ -6,10 +6,10 @@ import importlib.util
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
+from ports import free_port
 from training_runs import (ROOT, TINY_PIPELINE, assert_same_params, final_params, pairs,
                            read_metrics, run_python, tdpo_train, without_time)
 
@@ -110,12 +110,6 @@ def test_nan_gradient_stops_with_message_and_keeps_last_good_checkpoint(tmp_path
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
     assert not (out / "final").exists()
     assert [r["step"] for r in read_metrics(out)] == [0, 1, 2]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_two_processes_log_what_one_process_logs(tmp_path, pairs):

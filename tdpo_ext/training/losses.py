@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import torch
 
+from ..fused_linear import fused_linear_tdpo_loss
+from ..lm_head import last_hidden_state, lm_head_of
+from ..ops import tdpo_loss
+from ..reference import reference_tdpo_loss
 from . import data as D
 from . import models as M
-from ..fused_linear import fused_linear_tdpo_loss, lm_head_of
-from ..ops import tdpo_loss
 from .processes import all_sum
-from ..reference import reference_tdpo_loss
 
 
 def sft_logps(logits, labels):
@@ -22,9 +23,8 @@ def sft_logps(logits, labels):
 
 
 def fused_heads(cfg, policy, ref, world: int):
-    """(policy's, reference's) (body, head weight, head bias) for --fused-linear, found once
-    per run (the weights are the models' own parameters, updated in place); None without
-    --fused-linear. Refuses, with the reason, where it cannot run."""
+    """(policy's, reference's) LMHead for --fused-linear, found once per run (the weights
+    are the models' own parameters, updated in place); None without --fused-linear. Refuses, with the reason, where it cannot run."""
     if not cfg.fused_linear:
         return None
     why = None
@@ -43,9 +43,9 @@ def fused_heads(cfg, policy, ref, world: int):
     raise SystemExit(f"tdpo-train: --fused-linear: {why}")
 
 
-def _hidden(body, batch):
-    return body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                use_cache=False).last_hidden_state
+def _hidden(head, batch):
+    return last_hidden_state(head.body(input_ids=batch["input_ids"],
+                                       attention_mask=batch["attention_mask"], use_cache=False))
 
 
 def batch_loss(policy, ref, batch, cfg, split: str, heads=None):
@@ -54,12 +54,14 @@ def batch_loss(policy, ref, batch, cfg, split: str, heads=None):
     kw = dict(beta=cfg.beta, alpha=cfg.alpha, variant=cfg.loss,
               average_log_prob=cfg.average_log_prob)
     if heads is not None:
-        (body, weight, bias), (ref_body, ref_weight, ref_bias) = heads
-        hidden = _hidden(body, batch)
+        head, ref_head = heads
+        hidden = _hidden(head, batch)
         with torch.no_grad():
-            ref_hidden = _hidden(ref_body, batch)
-        out = fused_linear_tdpo_loss(hidden, weight, ref_hidden, ref_weight, batch["labels"],
-                                     policy_bias=bias, ref_bias=ref_bias, **kw)
+            ref_hidden = _hidden(ref_head, batch)
+        out = fused_linear_tdpo_loss(hidden, head.weight, ref_hidden, ref_head.weight,
+                                     batch["labels"], policy_bias=head.bias,
+                                     ref_bias=ref_head.bias, logit_scale=head.logit_scale,
+                                     logit_softcap=head.logit_softcap, **kw)
         return out.loss, pair_metrics(out, split)
     logits = M.forward_logits(policy, batch["input_ids"], batch["attention_mask"])
     if cfg.loss == "sft":

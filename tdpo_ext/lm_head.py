@@ -1,0 +1,173 @@
+"""The LM head of a transformers causal LM, for the fused LM-head loss: the body whose last
+hidden state the head reads, the head's weight and bias, and what the model does to the
+head's output (a scale, a soft-cap). Duck-typed: nothing here imports transformers."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Config fields that scale the logits, in the order TRL 1.16's add_fused_lm_head reads them
+# (the first one set wins), each with how it turns into a factor: Cohere's logit_scale,
+# Muse Glimmer's output_multiplier and Falcon-H1's lm_head_multiplier multiply; Granite's
+# and MiniCPM3's logits_scaling divides, except HyperCLOVA X's, which multiplies.
+_SCALE_FIELDS = (
+    ("logit_scale", lambda value, model_type: value),
+    ("output_multiplier", lambda value, model_type: value),
+    ("lm_head_multiplier", lambda value, model_type: value),
+    ("logits_scaling", lambda value, model_type: value if model_type == "hyperclovax"
+     else 1.0 / value),
+)
+_SOFTCAP_FIELD = "final_logit_softcapping"  # Gemma 2/3: cap * tanh(logits / cap)
+# Fields that change the logits in ways that are not a scale and a soft-cap of the head's
+# output, each with its "off" value: such models are not fused.
+_UNSUPPORTED_FIELDS = {
+    "logit_softcapping": None,
+    "logits_mup_width_multiplier": 1.0,
+    "dim_model_base": None,               # MiniCPM: hidden / (hidden_size / dim_model_base)
+    "mup_enabled": False,
+}
+
+
+class LMHead(NamedTuple):
+    """What fused_linear_tdpo_loss needs of a model: logits =
+    softcap(logit_scale * (body(...).last_hidden_state @ weight.T + bias))."""
+    body: torch.nn.Module
+    weight: Tensor
+    bias: Optional[Tensor]
+    logit_scale: float
+    logit_softcap: Optional[float]
+
+
+def _text_config(model):
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    return get_text() if callable(get_text) else config
+
+
+def logit_transform_of(model) -> tuple[float, Optional[float]]:
+    """(logit_scale, logit_softcap) that ``model``'s config applies to its LM head's output
+    (1.0 and None where it applies none), as fused_linear_sequence_stats takes them.
+
+    Raises ValueError, naming the model class and the field, for a config that changes the
+    logits in another way."""
+    config = _text_config(model)
+    name = type(model).__name__
+    for field, off in _UNSUPPORTED_FIELDS.items():
+        value = getattr(config, field, off)
+        if value is not None and value != off and not (off is None and value is False):
+            raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: its config sets "
+                             f"{field}={value!r}, which changes the logits beyond a scale and "
+                             "a soft-cap of a linear head")
+    scale = 1.0
+    model_type = getattr(config, "model_type", None)
+    for field, factor in _SCALE_FIELDS:
+        value = getattr(config, field, None)
+        if value is not None:
+            scale = float(factor(value, model_type))
+            break
+    softcap = getattr(config, _SOFTCAP_FIELD, None)
+    return scale, (float(softcap) if softcap else None)
+
+
+def _body_of(model, name: str) -> torch.nn.Module:
+    body = None
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            body = get_decoder()
+        except Exception:  # noqa: BLE001  (models that need a bespoke rule raise)
+            body = None
+    if body is None or body is model:
+        body = getattr(model, "model", None)
+    if not isinstance(body, torch.nn.Module) or body is model:
+        base = getattr(model, "base_model", None)
+        body = base if isinstance(base, torch.nn.Module) and base is not model else None
+    if body is None:
+        raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: found no body "
+                         "(get_decoder(), .model or .base_model) that yields its hidden states")
+    return body
+
+
+def output_linear(model) -> torch.nn.Linear:
+    """The model's LM head, refused (ValueError naming the class) unless it is a plain
+    torch.nn.Linear with a float weight."""
+    name = type(model).__name__
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: it has no output "
+                         "embeddings (get_output_embeddings() is None)")
+    if type(head) is not torch.nn.Linear:
+        raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: it is "
+                         f"{type(head).__module__}.{type(head).__qualname__}, not a plain "
+                         "torch.nn.Linear (adapters, quantized or custom heads are not fused)")
+    if head.weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: its weight is "
+                         f"{head.weight.dtype}")
+    return head
+
+
+def lm_head_of(model, *, verify_input_ids: Optional[Tensor] = None) -> LMHead:
+    """The LMHead of a transformers causal LM whose logits are a scale and a soft-cap of
+    ``body(...)`` 's last hidden state through a plain ``nn.Linear`` head (tied to the
+    input embeddings or not). Look it up once: it walks the body's modules.
+
+    The body is ``model.get_decoder()`` (or ``model.model``, or ``model.base_model``);
+    ``body(input_ids, attention_mask=...).last_hidden_state`` is what the head reads.
+
+    Raises ValueError, naming the model class, for heads it cannot fuse: no output
+    embeddings, a head that is not exactly ``nn.Linear`` (adapters, quantized layers), a
+    config that changes the logits beyond logit_transform_of, logits modified by the model
+    itself, or no body to be found. With ``verify_input_ids`` (a few token ids, (1, T)),
+    it also checks numerically that the LMHead's logits equal ``model(ids).logits`` and
+    refuses if they do not, which catches what the config does not say.
+    """
+    name = type(model).__name__
+    head = output_linear(model)
+    scale, softcap = logit_transform_of(model)
+    if getattr(model, "logit_softcap", None) is not None or \
+            getattr(model, "final_logits_bias", None) is not None:
+        raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: it modifies the "
+                         "logits after the linear head")
+    body = _body_of(model, name)
+    if head in list(body.modules()):
+        raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: the body found "
+                         f"({type(body).__name__}) contains the head itself")
+    found = LMHead(body, head.weight, head.bias, scale, softcap)
+    if verify_input_ids is not None:
+        verify_lm_head(model, found, verify_input_ids)
+    return found
+
+
+def head_logits(head: LMHead, hidden: Tensor) -> Tensor:
+    """The logits that ``head`` makes of last hidden states (materialized: for checks)."""
+    logits = F.linear(hidden, head.weight, head.bias) * head.logit_scale
+    if head.logit_softcap:
+        logits = torch.tanh(logits / head.logit_softcap) * head.logit_softcap
+    return logits
+
+
+def verify_lm_head(model, head: LMHead, input_ids: Tensor) -> None:
+    """Raises ValueError unless head_logits(body(ids)) equals model(ids).logits."""
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+        fused = head_logits(head, last_hidden_state(head.body(input_ids=input_ids)))
+    if fused.shape != logits.shape or not torch.allclose(
+            fused.float(), logits.float(), rtol=1e-3, atol=1e-3):
+        diff = ((fused.float() - logits.float()).abs().max().item()
+                if fused.shape == logits.shape else "shape mismatch")
+        raise ValueError(f"tdpo_ext: cannot fuse the LM head of {type(model).__name__}: "
+                         "the head applied to the body's hidden states differs from "
+                         f"model(ids).logits (max |diff| {diff}); the model changes its "
+                         "logits beyond a scaled, soft-capped linear head")
+
+
+def last_hidden_state(output) -> Tensor:
+    """The last hidden state from a body's output (a ModelOutput or a tuple)."""
+    hidden = getattr(output, "last_hidden_state", None)
+    return output[0] if hidden is None else hidden

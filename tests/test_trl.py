@@ -1,0 +1,235 @@
+"""tdpo_ext.trl: TDPOTrainer on TRL's DPOTrainer, against tdpo_loss computed by hand from
+the two models' logits, against TRL's own DPO loss, through TRL's data formats, PEFT,
+resume, and two processes. Offline: a word-level tokenizer and tiny random Llamas
+(trl_setup.py)."""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+peft = pytest.importorskip("peft")
+
+import tdpo_ext  # noqa: E402
+from tdpo_ext.trl import TDPOConfig, TDPOTrainer  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+from trl import DPOTrainer  # noqa: E402
+
+from ports import free_port  # noqa: E402
+from trl_setup import make_config, make_dataset, make_tokenizer, models_pair  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class _Recorder(TrainerCallback):
+    """The gradients of every trainable parameter just before each optimizer step."""
+
+    def __init__(self):
+        self.grads = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()
+                           if p.grad is not None})
+
+
+def _recording(trainer_class):
+    class Recording(trainer_class):
+        """Each step's batch and the loss that _compute_loss returned for it."""
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            loss = super()._compute_loss(model, inputs, return_outputs)
+            self.steps.append(({k: v.clone() for k, v in inputs.items()}, loss.detach()))
+            return loss
+    return Recording
+
+
+def train(tmp_path, *, trainer_class=TDPOTrainer, policy=None, ref=None, dataset=None,
+          peft_config=None, resume=None, **config):
+    """Trains with a recording trainer; returns (trainer, recorder of gradients)."""
+    if policy is None:
+        policy, ref = models_pair(move=1.0)
+    args = make_config(tmp_path / "out", **config)
+    recorder = _Recorder()
+    trainer = _recording(trainer_class)(
+        model=policy, ref_model=ref, args=args, processing_class=make_tokenizer(),
+        train_dataset=make_dataset() if dataset is None else dataset, callbacks=[recorder],
+        peft_config=peft_config)
+    trainer.steps = []
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, recorder
+
+
+def by_hand(policy, ref, batch, **kw):
+    """tdpo_loss of the two models' logits on a recorded batch, and the policy's
+    parameter gradients."""
+    policy = copy.deepcopy(policy)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    with torch.no_grad():
+        ref_logits = ref(input_ids=batch["input_ids"],
+                         attention_mask=batch["attention_mask"]).logits
+    out = tdpo_ext.tdpo_loss(logits, ref_logits, labels, **kw)
+    out.loss.backward()
+    return out, {n: p.grad for n, p in policy.named_parameters()}
+
+
+def assert_grads_close(got, expected, rtol=1e-5):
+    assert got.keys() == expected.keys()
+    for name, g in got.items():
+        scale = expected[name].abs().max().item()
+        torch.testing.assert_close(g, expected[name], rtol=rtol, atol=rtol * scale,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("loss_type,tied", [("tdpo2", False), ("tdpo1", True),
+                                            ("sigmoid", False)])
+def test_first_step_equals_tdpo_loss_by_hand(tmp_path, loss_type, tied):
+    policy, ref = models_pair(move=1.0, tied=tied)
+    start = copy.deepcopy(policy)
+    trainer, recorder = train(tmp_path, policy=policy, ref=ref, loss_type=loss_type,
+                              max_steps=1)
+    batch, loss = trainer.steps[0]
+    variant = {"sigmoid": "dpo"}.get(loss_type, loss_type)
+    out, grads = by_hand(start, ref, batch, beta=0.5, alpha=0.7, variant=variant)
+    torch.testing.assert_close(loss, out.loss.detach(), rtol=1e-5, atol=0)
+    logged = trainer.state.log_history[0]
+    for name, value in (("rewards/chosen", out.chosen_rewards),
+                        ("rewards/rejected", out.rejected_rewards),
+                        ("kl/chosen", out.chosen_kl), ("kl/rejected", out.rejected_kl),
+                        ("logps/chosen", out.chosen_logps)):
+        assert math.isclose(logged[name], value.mean().item(), rel_tol=1e-5, abs_tol=1e-7), name
+    assert out.rejected_kl.abs().min() > 1e-3  # the check is not on zeros
+    assert_grads_close(recorder.grads[0], grads)
+
+
+def test_fused_head_equals_logits_path(tmp_path):
+    runs = [train(tmp_path / str(fused), use_fused_linear=fused, max_steps=2)
+            for fused in (True, False)]
+    (fused, fused_grads), (logits, logits_grads) = runs
+    for (_, a), (_, b) in zip(fused.steps, logits.steps):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+    for a, b in zip(fused_grads.grads, logits_grads.grads):
+        assert_grads_close(a, b)
+
+
+def test_sigmoid_equals_trl_dpo(tmp_path):
+    ours, ours_grads = train(tmp_path / "ours", loss_type="sigmoid", max_steps=2)
+    theirs, theirs_grads = train(tmp_path / "trl", trainer_class=DPOTrainer,
+                                 loss_type="sigmoid", max_steps=2)
+    for (_, a), (_, b) in zip(ours.steps, theirs.steps):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+    for a, b in zip(ours_grads.grads, theirs_grads.grads):
+        assert_grads_close(a, b, rtol=1e-4)
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+@pytest.mark.parametrize("implicit", [False, True])
+def test_dataset_formats(tmp_path, conversational, implicit):
+    """Every completion token the trainer scores is exactly the response's (with EOS or
+    the chat template's end), and the loss is tdpo_loss by hand on that batch."""
+    dataset = make_dataset(2, conversational=conversational, implicit=implicit)
+    policy, ref = models_pair(move=1.0)
+    start = copy.deepcopy(policy)
+    trainer, _ = train(tmp_path, policy=policy, ref=ref, dataset=dataset, max_steps=1)
+    batch, loss = trainer.steps[0]
+    tok = make_tokenizer()
+    scored = sorted(tok.decode(ids[mask.bool()])
+                    for ids, mask in zip(batch["input_ids"], batch["completion_mask"]))
+    explicit = make_dataset(2, conversational=conversational)
+    if conversational:
+        expected = [f"{m[0]['content']} <|end|>" for k in ("chosen", "rejected")
+                    for m in explicit[k]]
+    else:
+        expected = [f"{text.strip()} <eos>" for k in ("chosen", "rejected")
+                    for text in explicit[k]]
+    assert scored == sorted(expected)
+    out, _ = by_hand(start, ref, batch, beta=0.5, alpha=0.7)
+    torch.testing.assert_close(loss, out.loss.detach(), rtol=1e-5, atol=0)
+
+
+def test_peft_lora_trains_adapters_only(tmp_path):
+    policy, _ = models_pair()
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                           task_type="CAUSAL_LM")
+    trainer, _ = train(tmp_path, policy=policy, ref=None, peft_config=lora, max_steps=3,
+                       learning_rate=1e-2)
+    # The reference is the base model (adapters disabled), equal to the policy at step 0.
+    assert trainer.steps[0][1].item() == pytest.approx(math.log(2), abs=1e-6)
+    assert trainer.steps[-1][1].item() != pytest.approx(math.log(2), abs=1e-4)
+    changed = {n for n, p in trainer.model.named_parameters()
+               if "lora_" not in n and not torch.equal(
+                   p, before[n.replace("base_model.model.", "").replace(".base_layer", "")])}
+    assert changed == set()
+    lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # moved from their zero init
+
+
+def test_resume_from_checkpoint_continues_the_same_losses(tmp_path):
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    whole, _ = train(tmp_path / "whole", **kw)
+    policy, ref = models_pair(move=1.0)
+    interrupted, _ = train(tmp_path / "resumed", policy=policy, ref=ref, **kw)
+    checkpoint = tmp_path / "resumed" / "out" / "checkpoint-2"
+    assert checkpoint.is_dir()
+    resumed, _ = train(tmp_path / "resumed", resume=str(checkpoint), **kw)
+    assert len(resumed.steps) == 2
+    for (_, a), (_, b) in zip(resumed.steps, whole.steps[2:]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    del interrupted
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(loss_type="ipo"), "unknown loss_type 'ipo'"),
+    (dict(loss_type=["tdpo2", "sft"]), "combines several losses"),
+    (dict(precompute_ref_log_probs=True), "whole next-token distribution"),
+    (dict(tdpo_alpha=-0.1), "tdpo_alpha must be >= 0"),
+    (dict(beta=0.0), "beta must be > 0"),
+    (dict(ld_alpha=0.5), "ld_alpha"),
+    (dict(f_divergence_type="js_divergence"), "f_divergence_type"),
+    (dict(use_weighting=True), "WPO"),
+    (dict(label_smoothing=0.1), "label_smoothing"),
+])
+def test_bad_configuration_fails_at_construction(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        TDPOConfig(output_dir=str(tmp_path), use_cpu=True, **settings)
+
+
+def test_dpo_config_is_refused(tmp_path):
+    from trl import DPOConfig
+    policy, ref = models_pair()
+    with pytest.raises(TypeError, match="TDPOConfig"):
+        TDPOTrainer(model=policy, ref_model=ref, args=DPOConfig(str(tmp_path), use_cpu=True),
+                    train_dataset=make_dataset(), processing_class=make_tokenizer())
+
+
+def test_two_processes_equal_one(tmp_path):
+    """torchrun, 2 CPU processes (gloo), fused LM head: after two steps both ranks hold
+    the same parameters, equal to one process's on the same global batch."""
+    script = os.path.join(HERE, "trl_ddp_run.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE + os.pathsep +
+               os.environ.get("PYTHONPATH", ""))
+    for procs in (1, 2):
+        out = tmp_path / f"procs{procs}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
+               "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+               script, str(out), str(4 // procs)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one = torch.load(tmp_path / "procs1" / "rank0.pt")
+    rank0 = torch.load(tmp_path / "procs2" / "rank0.pt")
+    rank1 = torch.load(tmp_path / "procs2" / "rank1.pt")
+    start = models_pair(move=1.0)[0].state_dict()
+    for name in one:
+        assert torch.equal(rank0[name], rank1[name]), name
+        # AdamW moves each weight by up to lr (1e-3) a step, whatever its gradient's size:
+        # float rounding of a near-zero gradient shows as ~1e-6.
+        torch.testing.assert_close(rank0[name], one[name], rtol=1e-5, atol=1e-5,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    assert not torch.equal(one["lm_head.weight"], start["lm_head.weight"])

@@ -1,0 +1,22 @@
+"""Run by test_trl.py under torchrun: two TDPOTrainer steps (fused LM head) on CPU with
+PER_DEVICE pairs per process; each rank saves its final parameters to OUT/rank{r}.pt.
+
+    python -m torch.distributed.run --nproc_per_node=N trl_ddp_run.py OUT PER_DEVICE
+"""
+import sys
+
+import torch
+import torch.distributed as dist
+
+from tdpo_ext.trl import TDPOTrainer
+from trl_setup import make_config, make_dataset, make_tokenizer, models_pair
+
+out, per_device = sys.argv[1], int(sys.argv[2])
+policy, ref = models_pair(move=1.0)
+args = make_config(out, per_device_train_batch_size=per_device, ddp_backend="gloo")
+trainer = TDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=make_dataset(),
+                      processing_class=make_tokenizer())
+trainer.train()
+rank = dist.get_rank() if dist.is_initialized() else 0
+torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+           f"{out}/rank{rank}.pt")
