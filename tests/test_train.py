@@ -222,6 +222,11 @@ def test_help_shows_every_default(capsys):
     assert "--lr LR learning rate (AdamW) (default: 5e-06; sentiment task: 0.0003" in text
 
 
+def test_no_task_and_no_data_is_refused():
+    with pytest.raises(SystemExit, match="--task none trains on your pairs: give --data"):
+        config.from_command_line(["--task", "none"])
+
+
 def test_a_bigger_model_without_data_is_refused_with_a_command_that_works():
     with pytest.raises(SystemExit) as e:
         config.from_command_line(["--model", "smollm2"])

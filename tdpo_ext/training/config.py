@@ -161,6 +161,8 @@ def resolve(given: dict) -> Config:
             f"{SHIPPED_PAIRS['train']} --eval-data {SHIPPED_PAIRS['eval']} --steps 2\n"
             f"or give your own --data, or --task movie-reviews to sample new pairs first.")
     task = given.get("task") or ("none" if given.get("data") else "sentiment")
+    if task == "none" and not given.get("data"):
+        raise SystemExit("tdpo-train: --task none trains on your pairs: give --data FILE.jsonl")
     cfg = Config().replace(**_preset(task)).replace(**(given | {"task": task}))
     if cfg.threads is None and "OMP_NUM_THREADS" not in os.environ and _is_tiny(cfg.model):
         cfg = cfg.replace(threads=1)
