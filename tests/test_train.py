@@ -112,17 +112,27 @@ def test_nan_gradient_stops_with_message_and_keeps_last_good_checkpoint(tmp_path
     assert [r["step"] for r in read_metrics(out)] == [0, 1, 2]
 
 
-def test_ddp_two_processes_log_what_one_process_logs(tmp_path, pairs):
+def torchrun_2(*args, check=True):
+    return run_python("-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                      "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args,
+                      check=check)
+
+
+def test_ddp_two_processes_killed_and_resumed_log_what_one_process_logs(tmp_path, pairs):
     """Every logged metric (train and eval, reduced over processes) and the gradient norm
     of each step, at a learning rate that moves the model: the same global batches and
-    averaged gradients give the same numbers as one process."""
+    averaged gradients give the same numbers as one process, also when the two processes
+    are killed after step 2 and resumed from its checkpoint."""
     common = ["--data", pairs, "--eval-data", pairs, "--steps", "3", "--batch-size", "8",
-              "--eval-every", "3", "--lr", "3e-3", "--warmup-steps", "0", "--no-plots"]
+              "--eval-every", "3", "--save-every", "2", "--lr", "3e-3", "--warmup-steps", "0",
+              "--no-plots"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     tdpo_train(*common, "--out", single)
-    run_python("-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m",
-               "tdpo_ext.training.train", *common, "--out", ddp)
+    killed = torchrun_2(os.path.join(ROOT, "tests", "train_with_faults.py"),
+                        tmp_path / "used_points", "step tdpo2 2", *common, "--out", ddp,
+                        check=False)
+    assert killed.returncode != 0 and not (ddp / "final").exists()
+    torchrun_2("-m", "tdpo_ext.training.train", "--resume", ddp)
     assert (ddp / "final" / "model.pt").exists()
     assert json.loads((ddp / "summary.json").read_text())["world_size"] == 2
     s, d = without_time(read_metrics(single)), without_time(read_metrics(ddp))
