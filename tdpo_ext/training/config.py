@@ -51,7 +51,7 @@ class Config:
     chat_template: typing.Optional[bool] = setting(
         None, "wrap prompts in the tokenizer's chat template", default_help="on for smollm2")
     data: typing.Optional[str] = setting(None, "training pairs, JSONL {prompt, chosen, "
-                                         "rejected}", default_help="the task's own pairs")
+                                         "rejected}", default_help="pairs that the task samples")
     eval_data: typing.Optional[str] = setting(
         None, "eval pairs", default_help="the task's, or the last --eval-data-size pairs of "
         "--data held out")
@@ -64,7 +64,7 @@ class Config:
     fused_linear: bool = setting(
         False, "compute the loss from the body's hidden states and the LM-head weight "
         "(fused_linear_tdpo_loss), never materializing logits; transformers models whose "
-        "head is a plain linear layer, one process")
+        "head tdpo_ext.lm_head.lm_head_of can fuse, one process")
     out: typing.Optional[str] = setting(None, "output folder", default_help="runs/<timestamp>")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = setting("float32", "parameter dtype", choices=["float32", "bfloat16",
