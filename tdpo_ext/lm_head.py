@@ -3,11 +3,14 @@ hidden state the head reads, the head's weight and bias, and what the model does
 head's output (a scale, a soft-cap). Duck-typed: nothing here imports transformers."""
 from __future__ import annotations
 
+import functools
+import types
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -171,3 +174,39 @@ def last_hidden_state(output) -> Tensor:
     """The last hidden state from a body's output (a ModelOutput or a tuple)."""
     hidden = getattr(output, "last_hidden_state", None)
     return output[0] if hidden is None else hidden
+
+
+def add_fused_head(model, body: torch.nn.Module) -> None:
+    """Lets ``model(..., fused_head=fn)`` run ``body`` (lm_head_of's) and return ``fn(hidden,
+    weight, bias)``: its last hidden states and its LM head's weight and bias, as the head
+    would read them (gathered if sharded, in autocast's dtype under autocast). The loss is
+    then computed inside the model's own forward call, which DDP and FSDP wrappers need to
+    synchronize gradients. Without fused_head, the forward is the one before, so
+    generation is unchanged."""
+    previous_forward = model.forward
+
+    # Keep the original signature: `generate` validates its model kwargs against it.
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_head=None, labels=None, **kwargs):
+        if fused_head is None:
+            if labels is not None:
+                kwargs["labels"] = labels
+            return previous_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = last_hidden_state(body(*args, **kwargs))
+        head = self.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        # FSDP2 shards the head into DTensors: gather it once per call, not once per tile.
+        if isinstance(weight, DTensor):
+            weight = weight.full_tensor()
+            bias = None if bias is None else bias.full_tensor()
+        device_type = hidden.device.type
+        dtype = (torch.get_autocast_dtype(device_type)
+                 if torch.is_autocast_enabled(device_type) else weight.dtype)
+        # With a device map, the body can end on another device than the head.
+        hidden = hidden.to(device=weight.device, dtype=dtype)
+        weight = weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        return fused_head(hidden, weight, bias)
+
+    model.forward = types.MethodType(forward, model)

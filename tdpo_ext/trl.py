@@ -19,21 +19,18 @@ exists. docs/TRL.md says which DPOConfig features work and which do not, and why
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import textwrap
-import types
 from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import is_peft_model
-from torch.distributed.tensor import DTensor
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, use_adapter
 
 from .fused_linear import fused_linear_sequence_stats
-from .lm_head import last_hidden_state, lm_head_of, verify_lm_head
+from .lm_head import add_fused_head, lm_head_of, verify_lm_head
 from .ops import pairwise_output, sequence_stats
 
 __all__ = ["TDPOConfig", "TDPOTrainer", "LOSS_TYPES"]
@@ -119,40 +116,6 @@ def _refusal(args: TDPOConfig) -> str | None:
     return None
 
 
-def _add_tdpo_head(model, body) -> None:
-    """Lets ``model(..., tdpo_head=fn)`` run the model's body and return ``fn(hidden,
-    weight, bias)``: its last hidden states and its LM head's weight and bias, the way
-    the head would read them (gathered if sharded, in autocast's dtype under autocast).
-    Without tdpo_head, the forward is the one before, so generation is unchanged."""
-    previous_forward = model.forward
-
-    # Keep the original signature: `generate` validates its model kwargs against it.
-    @functools.wraps(type(model).forward)
-    def forward(self, *args, tdpo_head=None, labels=None, **kwargs):
-        if tdpo_head is None:
-            if labels is not None:
-                kwargs["labels"] = labels
-            return previous_forward(*args, **kwargs)
-        kwargs["use_cache"] = False
-        hidden = last_hidden_state(body(*args, **kwargs))
-        head = self.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        # FSDP2 shards the head into DTensors: gather it once per call, not once per tile.
-        if isinstance(weight, DTensor):
-            weight = weight.full_tensor()
-            bias = None if bias is None else bias.full_tensor()
-        device_type = hidden.device.type
-        dtype = (torch.get_autocast_dtype(device_type)
-                 if torch.is_autocast_enabled(device_type) else weight.dtype)
-        # With a device map, the body can end on another device than the head.
-        hidden = hidden.to(device=weight.device, dtype=dtype)
-        weight = weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        return tdpo_head(hidden, weight, bias)
-
-    model.forward = types.MethodType(forward, model)
-
-
 class TDPOTrainer(DPOTrainer):
     """DPOTrainer with the TDPO loss (Zeng et al., ICML 2024), computed by tdpo_ext's
     ops. Arguments as DPOTrainer's, with a TDPOConfig.
@@ -215,7 +178,7 @@ class TDPOTrainer(DPOTrainer):
             ids = torch.arange(min(8, heads[0].weight.shape[0]), device=policy.device)[None]
             verify_lm_head(policy, heads[0], ids)
         for model, head in zip(models, heads):
-            _add_tdpo_head(model, head.body)
+            add_fused_head(model, head.body)
 
     @contextlib.contextmanager
     def _reference(self):
@@ -248,8 +211,8 @@ class TDPOTrainer(DPOTrainer):
                 logit_softcap=self._logit_softcap)
 
         with self._reference() as reference:
-            reference(**model_kwargs, tdpo_head=keep_reference)
-        return model(**model_kwargs, tdpo_head=policy_stats)
+            reference(**model_kwargs, fused_head=keep_reference)
+        return model(**model_kwargs, fused_head=policy_stats)
 
     def _logits_stats(self, model, model_kwargs, labels):
         seq_len = labels.shape[1]
