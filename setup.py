@@ -211,7 +211,7 @@ setup(
     version="0.1.0",
     description="Fused, memory-lean Token-level Direct Preference Optimization for PyTorch",
     packages=find_packages(include=["tdpo_ext", "tdpo_ext.*"]),
-    package_data={"tdpo_ext": ["data/*"]},
+    package_data={"tdpo_ext.training": ["assets/*"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
@@ -225,6 +225,6 @@ setup(
     },
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["tdpo-train=tdpo_ext.train:main",
-                                      "tdpo-experiment=tdpo_ext.experiment:main"]},
+    entry_points={"console_scripts": ["tdpo-train=tdpo_ext.training.train:main",
+                                      "tdpo-experiment=tdpo_ext.training.experiment:main"]},
 )

@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh tqdm matplotlib vadersentiment
 # Huge pages for torch's large CPU tensors: fewer first-touch faults (README, Performance).
 export THP_MEM_ALLOC_ENABLE=${THP_MEM_ALLOC_ENABLE:-1}
-python3 -m tdpo_ext.train "$@"   # the same as the tdpo-train console script
+python3 -m tdpo_ext.training.train "$@"   # the same as the tdpo-train console script

@@ -1,73 +1,47 @@
-"""tdpo-train end to end, on tiny settings: outputs of the embedded pipeline, kill and
-resume, NaN stop, and DistributedDataParallel over two CPU processes (gloo on 127.0.0.1)."""
+"""tdpo-train end to end, on tiny settings: outputs of the embedded pipeline, SIGKILL at
+every stage and resume, NaN stop, DistributedDataParallel over two CPU processes (gloo on
+127.0.0.1) against one process, transformers models and --fused-linear, and the command
+line itself."""
 import importlib.util
 import json
+import math
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+from ports import free_port
+from training_runs import (ROOT, TINY_PIPELINE, assert_same_params, final_params, pairs,
+                           read_metrics, run_python, tdpo_train, without_time)
 
-from tdpo_ext import train
+from tdpo_ext.training import config, hooks, losses, pipeline, train
+from tdpo_ext.training import models as M
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_PIPELINE = ["--sft-steps", "4", "--sft-batch-size", "8", "--pair-prompts", "24",
-                 "--eval-data-size", "8", "--eval-prompts", "8", "--steps", "4",
-                 "--batch-size", "8", "--eval-every", "2", "--max-new-tokens", "12"]
-REVIEWS = [("the movie was", "very good .", "awful ."), ("i would", "recommend it .", "not ."),
-           ("the acting", "was great .", "was dull and boring ."),
-           ("this film", "is wonderful .", "is bad ."), ("the plot", "was clever .", "was weak ."),
-           ("overall a", "fun ride .", "painful watch ."), ("the music", "was lovely .",
-                                                            "was annoying ."),
-           ("the cast", "seemed strong .", "seemed lazy .")]
+assert pairs  # a fixture
 
 
-def env():
-    e = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    return e
-
-
-def tdpo_train(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "tdpo_ext.train", *map(str, args)], cwd=ROOT,
-                       env=env(), capture_output=True, text=True, timeout=300)
-    if check and p.returncode != 0:
-        raise AssertionError(f"tdpo-train failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
-
-
-@pytest.fixture
-def pairs(tmp_path):
-    path = tmp_path / "pairs.jsonl"
-    rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in REVIEWS * 2]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-def read_metrics(folder):
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def final_params(folder):
-    return torch.load(os.path.join(folder, "final", "model.pt"), weights_only=True)
-
-
-def test_cli_embedded_pipeline_writes_all_outputs(tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def embedded_run(tmp_path_factory):
+    """The embedded pipeline run once, uninterrupted: (folder, its output)."""
+    out = tmp_path_factory.mktemp("embedded") / "run"
     p = tdpo_train(*TINY_PIPELINE, "--out", out)
-    assert "eval @ step 4" in p.stdout + p.stderr
+    return out, p.stdout + p.stderr
+
+
+def test_cli_embedded_pipeline_writes_all_outputs(embedded_run):
+    out, output = embedded_run
+    assert "eval @ step 4" in output
+    # not a terminal: no progress bar redraws flooding the log
+    assert "\r" not in output and "it/s" not in output
     for name in ("config.json", "metrics.jsonl", "summary.json", "final/model.pt",
-                 "final/tiny_gpt.json", "final/vocab.txt", "checkpoint/state.pt",
+                 "final/tiny_gpt.json", "final/vocab.txt", "checkpoint.pt",
                  "pairs_train.jsonl", "pairs_eval.jsonl", "sft/final/model.pt"):
         assert (out / name).exists(), name
     if importlib.util.find_spec("matplotlib"):
         for name in ("loss.png", "rewards.png", "kl.png"):
             assert (out / name).stat().st_size > 1000, name
-    config = json.loads((out / "config.json").read_text())
-    assert config["loss"] == "tdpo2" and config["steps"] == 4 and config["beta"] == 0.1
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["loss"] == "tdpo2" and saved["steps"] == 4 and saved["beta"] == 0.1
+    assert saved["lr"] == 3e-4  # the sentiment task's preset
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     for key in ("loss/train", "rewards_train/chosen", "rewards_train/rejected",
@@ -81,63 +55,97 @@ def test_cli_embedded_pipeline_writes_all_outputs(tmp_path):
     assert summary["sample_kl"]["before"] == pytest.approx(0.0, abs=1e-4)
     assert summary["sample_kl"]["after"] > 0
     assert "loss/eval" in summary["eval"] and "kl_eval/chosen" in summary["eval"]
+    assert "loss/train" in summary["train"] and "sft" in summary and "pairs" in summary
 
 
-def test_kill_and_resume_ends_with_the_same_parameters(tmp_path, pairs):
-    common = ["--data", pairs, "--eval-data", pairs, "--steps", "6", "--batch-size", "4",
-              "--save-every", "2", "--eval-every", "3", "--lr", "1e-3", "--no-plots"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    tdpo_train(*common, "--out", straight)
-    p = tdpo_train(*common, "--out", killed, "--stop-after-steps", "5", check=False)
-    assert p.returncode == 3 and not (killed / "final").exists()
-    assert torch.load(killed / "checkpoint" / "state.pt", weights_only=False)["step"] == 4
-    tdpo_train("--resume", killed)
-    a, b = final_params(straight), final_params(killed)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    ra, rb = read_metrics(straight), read_metrics(killed)
-    assert [r["step"] for r in rb] == [r["step"] for r in ra]
-    assert [r["loss/train"] for r in rb[1:]] == [r["loss/train"] for r in ra[1:]]
+# Kill points spread over every stage, in the order a run reaches them (see
+# train_with_faults.py): SFT before its checkpoint, midway through writing that
+# checkpoint and the SFT model; pair making between the two splits; preference training
+# before its first checkpoint (after the step-0 eval row), midway through writing it,
+# after it, and after the last checkpoint, before the final policy is saved.
+KILL_POINTS = ["step sft 2", "torch.save */sft/checkpoint.pt* 4",
+               "torch.save */sft/final*/model.pt None", "pairs_written train", "step tdpo2 1",
+               "torch.save */killed/checkpoint.pt* 2", "step tdpo2 3", "stage_done tdpo2 4"]
 
 
-def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, pairs, capsys):
+def test_sigkill_at_every_stage_then_resume_ends_as_an_uninterrupted_run(embedded_run,
+                                                                         tmp_path):
+    straight, killed, used = embedded_run[0], tmp_path / "killed", tmp_path / "used_points"
+    first = ["--out", killed, *TINY_PIPELINE]
+    for attempt in range(len(KILL_POINTS) + 1):
+        args = first if attempt == 0 else ["--resume", killed]
+        p = run_python(os.path.join(ROOT, "tests", "train_with_faults.py"), used,
+                       ";".join(KILL_POINTS), *args, check=False)
+        if p.returncode == 0:
+            break
+        assert p.returncode == -9, p.stdout + p.stderr  # SIGKILL, at the next point
+    assert used.read_text().splitlines() == KILL_POINTS and p.returncode == 0
+    assert_same_params(final_params(straight), final_params(killed))
+    for stage in ("sft", "."):
+        assert without_time(read_metrics(killed / stage)) == \
+            without_time(read_metrics(straight / stage)), stage
+    for name in ("pairs_train.jsonl", "pairs_eval.jsonl", "pairs_stats.json"):
+        assert (killed / name).read_text() == (straight / name).read_text(), name
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (straight, killed))
+    for summary in (a, b):
+        summary.pop("runtime_s"), summary.pop("final_checkpoint")
+    assert a == b
+
+
+def test_nan_gradient_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, pairs,
+                                                                        capsys):
+    def poison_step_3(event, where):
+        if event == "gradients" and where["stage"].step == 2:  # the third step
+            next(where["stage"].module.parameters()).grad.fill_(float("nan"))
+
     out = tmp_path / "run"
-    rc = train.main(["--data", pairs, "--steps", "6", "--batch-size", "4", "--save-every", "2",
-                     "--eval-every", "10", "--debug-nan-at-step", "3", "--out", str(out),
-                     "--no-plots"])
+    with hooks.listening(poison_step_3):
+        rc = train.main(["--data", pairs, "--steps", "6", "--batch-size", "4",
+                         "--save-every", "2", "--eval-every", "10", "--out", str(out),
+                         "--no-plots"])
     err = capsys.readouterr().err
     assert rc == 1
-    assert "non-finite loss at step 3" in err and "last good checkpoint" in err
+    assert "non-finite gradient at step 3" in err and "last good checkpoint" in err
     assert "(step 2)" in err
-    assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
     assert not (out / "final").exists()
     assert [r["step"] for r in read_metrics(out)] == [0, 1, 2]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def torchrun_2(*args, check=True):
+    return run_python("-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                      "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args,
+                      check=check)
 
 
-def test_ddp_two_processes_first_step_loss_equals_one_process(tmp_path, pairs):
-    common = ["--data", pairs, "--eval-data", pairs, "--steps", "2", "--batch-size", "8",
-              "--eval-every", "2", "--no-plots"]
+def test_ddp_two_processes_killed_and_resumed_log_what_one_process_logs(tmp_path, pairs):
+    """Every logged metric (train and eval, reduced over processes) and the gradient norm
+    of each step, at a learning rate that moves the model: the same global batches and
+    averaged gradients give the same numbers as one process, also when the two processes
+    are killed after step 2 and resumed from its checkpoint."""
+    common = ["--data", pairs, "--eval-data", pairs, "--steps", "3", "--batch-size", "8",
+              "--eval-every", "3", "--save-every", "2", "--lr", "3e-3", "--warmup-steps", "0",
+              "--no-plots"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     tdpo_train(*common, "--out", single)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "tdpo_ext.train",
-           *common, "--out", str(ddp)]
-    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert (ddp / "final" / "model.pt").exists() and (ddp / "summary.json").exists()
+    killed = torchrun_2(os.path.join(ROOT, "tests", "train_with_faults.py"),
+                        tmp_path / "used_points", "step tdpo2 2", *common, "--out", ddp,
+                        check=False)
+    assert killed.returncode != 0 and not (ddp / "final").exists()
+    torchrun_2("-m", "tdpo_ext.training.train", "--resume", ddp)
+    assert (ddp / "final" / "model.pt").exists()
     assert json.loads((ddp / "summary.json").read_text())["world_size"] == 2
-    s, d = read_metrics(single), read_metrics(ddp)
-    assert d[1]["loss/train"] == pytest.approx(s[1]["loss/train"], rel=1e-5, abs=1e-6)
-    assert d[0]["loss/eval"] == pytest.approx(s[0]["loss/eval"], rel=1e-5, abs=1e-6)
-    # the same global batch and averaged gradients: the second step agrees too
-    assert d[2]["loss/train"] == pytest.approx(s[2]["loss/train"], rel=1e-4, abs=1e-5)
+    s, d = without_time(read_metrics(single)), without_time(read_metrics(ddp))
+    assert [r.keys() for r in d] == [r.keys() for r in s]
+    assert abs(s[-1]["loss/train"] - math.log(2)) > 0.05  # the model has moved
+    for rs, rd in zip(s, d):
+        for k in rs:
+            assert rd[k] == pytest.approx(rs[k], rel=1e-4, abs=1e-5), (rs["step"], k)
+    # Adam turns float rounding in near-zero gradients into steps of up to lr: a looser
+    # bound on the parameters than on the metrics.
+    a, b = final_params(single), final_params(ddp)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
 def save_tiny_llama(folder):
@@ -145,7 +153,6 @@ def save_tiny_llama(folder):
     tokenizer over the built-in vocabulary, saved to folder."""
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
-    from tdpo_ext import models as M
     words = M.builtin_tokenizer().words
     vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>"] + words[3:])}
     tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
@@ -167,7 +174,6 @@ def test_transformers_model_from_a_folder(tmp_path, pairs, capsys):
     """--model DIR with a (tiny, random) transformers causal LM and its tokenizer: trains,
     writes a save_pretrained folder that loads again as --model."""
     transformers = pytest.importorskip("transformers")
-    from tdpo_ext import models as M
     folder = save_tiny_llama(tmp_path / "hf_model")
     out = tmp_path / "run"
     rc = train.main(["--model", str(folder), "--data", pairs, "--task", "sentiment",
@@ -181,10 +187,15 @@ def test_transformers_model_from_a_folder(tmp_path, pairs, capsys):
     assert isinstance(model, transformers.LlamaForCausalLM)
 
 
-def test_fused_linear_matches_materialized_logits(tmp_path, pairs, capsys):
+def test_fused_linear_matches_materialized_logits(tmp_path, pairs, capsys, monkeypatch):
     """--fused-linear (hidden states + LM-head weight, no logits) trains a transformers
-    model to the same losses and parameters as the materialized-logits path."""
+    model to the same losses and parameters as the materialized-logits path, finding each
+    model's LM head once, not at every step."""
     folder = save_tiny_llama(tmp_path / "hf_model")
+    heads_found = []
+    monkeypatch.setattr(losses, "lm_head_of",
+                        lambda model, real=losses.lm_head_of: heads_found.append(model) or
+                        real(model))
     common = ["--model", folder, "--data", pairs, "--task", "none", "--steps", "3",
               "--batch-size", "4", "--eval-every", "3", "--lr", "1e-3", "--no-plots"]
     runs = {}
@@ -199,11 +210,57 @@ def test_fused_linear_matches_materialized_logits(tmp_path, pairs, capsys):
         assert b["loss/train"] == pytest.approx(a["loss/train"], rel=1e-4, abs=1e-6)
         assert b["kl_train/rejected"] == pytest.approx(a["kl_train/rejected"], rel=1e-3,
                                                        abs=1e-6)
-    config = json.loads((runs["fused_linear"] / "config.json").read_text())
-    assert config["fused_linear"] is True
+    saved = json.loads((runs["fused_linear"] / "config.json").read_text())
+    assert saved["fused_linear"] is True
+    assert len(heads_found) == 2  # policy and reference, for 3 steps and 2 evaluations
 
 
 def test_fused_linear_refuses_the_tiny_model(tmp_path, pairs):
     with pytest.raises(SystemExit, match="--fused-linear: the built-in tiny model"):
         train.main(["--data", pairs, "--task", "none", "--steps", "1", "--batch-size", "4",
                     "--fused-linear", "--no-plots", "--out", str(tmp_path / "run")])
+
+
+def test_help_shows_every_default(capsys):
+    parser = config.build_parser()
+    helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings}
+    for field in config.dataclasses.fields(config.Config):
+        assert "(default: " in helps["--" + field.name.replace("_", "-")], field.name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--lr LR learning rate (AdamW) (default: 5e-06; sentiment task: 0.0003" in text
+
+
+def test_no_task_and_no_data_is_refused():
+    with pytest.raises(SystemExit, match="--task none trains on your pairs: give --data"):
+        config.from_command_line(["--task", "none"])
+
+
+def test_a_bigger_model_without_data_is_refused_with_a_command_that_works():
+    with pytest.raises(SystemExit) as e:
+        config.from_command_line(["--model", "smollm2"])
+    command = str(e.value).split("\n")[1].split()
+    assert command[:5] == ["tdpo-train", "--model", "smollm2", "--task", "movie-reviews"]
+    cfg, _ = config.from_command_line(command[1:])
+    assert cfg.task == "movie-reviews" and cfg.steps == 2
+    for path in (cfg.data, cfg.eval_data):
+        assert os.path.isfile(path), path
+
+
+def test_the_library_imports_no_training_dependency():
+    p = run_python("-c", "import sys, tdpo_ext; print(sorted(m for m in sys.modules if "
+                   "m.split('.')[0] in ('transformers', 'matplotlib', 'datasets', 'trl') "
+                   "or m.startswith('tdpo_ext.training')))")
+    assert p.stdout.strip() == "[]"
+
+
+def test_long_stages_on_cpu_are_announced_before_they_start(capsys):
+    cpu = torch.device("cpu")
+    big = torch.nn.Linear(15_000, 9_000, device="meta")  # 135 M parameters, no memory
+    pipeline.announce_cost("[tdpo2] 12 steps", big, 12 * 8 * 90, 4, cpu)
+    assert "[tdpo2] 12 steps: a 135 M-parameter model on CPU, roughly 8 min" in \
+        capsys.readouterr().out
+    pipeline.announce_cost("[tdpo2] 150 steps", M.load_model("tiny")[0], 150 * 64 * 40, 4, cpu)
+    pipeline.announce_cost("[tdpo2] 12 steps", big, 12 * 8 * 90, 4, torch.device("meta"))
+    assert capsys.readouterr().out == ""

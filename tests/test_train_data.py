@@ -7,11 +7,12 @@ import random
 import pytest
 import torch
 
-from tdpo_ext import data as D
-from tdpo_ext import losses
-from tdpo_ext import models as M
-from tdpo_ext import tasks as T
-from tdpo_ext import train
+from tdpo_ext.training import data as D
+from tdpo_ext.training import losses
+from tdpo_ext.training import models as M
+from tdpo_ext.training import tasks as T
+from tdpo_ext.training import train
+from tdpo_ext.training.config import Config
 
 
 def write(path, lines):
@@ -49,6 +50,14 @@ def test_malformed_line_fails_the_cli(tmp_path, capsys):
                      str(tmp_path / "run"), "--no-plots"])
     assert rc == 1
     assert f"{p}:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path):
+    good = json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}).encode()
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(good + b"\n" + good.replace(b'"b"', b'"caf\xe9"') + b"\n")
+    with pytest.raises(D.DataError, match=f"{p}:2: not UTF-8 text"):
+        D.load_jsonl(str(p))
 
 
 def test_tokenization_matches_reference_code():
@@ -123,8 +132,7 @@ def test_fused_and_reference_loss_impl_agree_in_the_loop(loss):
     batch = D.collate(items, tok.pad_token_id)
     results = {}
     for impl in ("fused", "reference"):
-        cfg = {"loss": loss, "loss_impl": impl, "beta": 0.3, "alpha": 0.5,
-               "average_log_prob": False}
+        cfg = Config(loss=loss, loss_impl=impl, beta=0.3, alpha=0.5)
         policy.zero_grad()
         value, metrics = losses.batch_loss(policy, ref, batch, cfg, "train")
         value.backward()

@@ -1,5 +1,21 @@
-"""The frontier experiment's bookkeeping (the runs themselves are the training loop's)."""
-from tdpo_ext import experiment as E
+"""The frontier experiment: its bookkeeping, and a short run end to end."""
+import json
+
+from training_runs import run_python
+
+from tdpo_ext.training import experiment as E
+
+
+def test_quick_frontier_run_writes_its_report(tmp_path):
+    run_python("-m", "tdpo_ext.training.experiment", "frontier", "--quick", "--out", tmp_path,
+               "--betas", "0.1", "--seeds", "0", "--methods", "DPO,TDPO2 a=0.5")
+    points = json.loads((tmp_path / "frontier_points.json").read_text())
+    assert {p["method"] for p in points} == {"DPO", "TDPO2 a=0.5"}
+    assert {p["step"] for p in points} == {0, 1, 2}
+    report = (tmp_path / "frontier.md").read_text()
+    assert "| DPO | 0.1 |" in report and "-0.00" not in report
+    for name in ("frontier.png", "frontier_kl.png"):
+        assert (tmp_path / name).stat().st_size > 1000
 
 
 def pt(method, beta, seed, step, reward, kl):

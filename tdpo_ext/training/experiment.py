@@ -20,6 +20,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from .loop import num
+
 METHODS = {"DPO": ("dpo", 0.5), "TDPO1": ("tdpo1", 0.5), "TDPO2 a=0.1": ("tdpo2", 0.1),
            "TDPO2 a=0.5": ("tdpo2", 0.5), "TDPO2 a=1.0": ("tdpo2", 1.0)}
 NOISE = 0.03
@@ -33,21 +35,19 @@ def slug(method, beta, seed):
 
 
 def prepare_base(out, args):
-    """SFT model + pairs, once, with the embedded task's settings."""
-    from . import train
+    """SFT model + pairs, once (each is skipped when done), with the embedded task's
+    settings."""
+    from .config import resolve
+    from .pipeline import prepare_task_data
     from .processes import seed_all
     from .tasks import get_task
-    argv = ["--out", out, "--seed", "0"]
+    given = {"out": out, "seed": 0}
     if args.quick:
-        argv += ["--sft-steps", "4", "--pair-prompts", "32", "--eval-data-size", "8"]
-    cfg = train.resolve(train.build_parser().parse_args(argv))
-    if os.path.isfile(os.path.join(out, "pairs_stats.json")):
-        return cfg
+        given |= {"sft_steps": 4, "pair_prompts": 32, "eval_data_size": 8}
+    cfg = resolve(given)
     os.makedirs(out, exist_ok=True)
-    import torch
-    seed_all(cfg["seed"])
-    train.prepare_task_data(cfg, get_task("sentiment"), 0, 1, torch.device("cpu"), {})
-    return cfg
+    seed_all(cfg.seed)
+    prepare_task_data(cfg, get_task("sentiment"))
 
 
 def run_one(base, out, method, beta, seed, args):
@@ -55,15 +55,15 @@ def run_one(base, out, method, beta, seed, args):
     if os.path.isfile(os.path.join(folder, "summary.json")):
         return folder
     loss, alpha = METHODS[method]
-    cmd = [sys.executable, "-m", "tdpo_ext.train", "--task", "sentiment",
+    cmd = [sys.executable, "-m", "tdpo_ext.training.train", "--task", "sentiment",
            "--model", os.path.join(base, "sft", "final"),
            "--data", os.path.join(base, "pairs_train.jsonl"),
            "--eval-data", os.path.join(base, "pairs_eval.jsonl"),
            "--loss", loss, "--beta", str(beta), "--alpha", str(alpha), "--seed", str(seed),
            "--steps", str(args.steps), "--eval-every", str(args.eval_every),
            "--lr", str(args.lr), "--eval-prompts", str(args.eval_prompts), "--no-plots"]
-    if os.path.isfile(os.path.join(folder, "checkpoint", "state.pt")):
-        cmd = [sys.executable, "-m", "tdpo_ext.train", "--resume", folder]
+    if os.path.isfile(os.path.join(folder, "checkpoint.pt")):
+        cmd = [sys.executable, "-m", "tdpo_ext.training.train", "--resume", folder]
     else:
         import shutil
         shutil.rmtree(folder, ignore_errors=True)
@@ -184,8 +184,8 @@ def report(points, methods, betas, seeds, args, docs, runtime_s, command):
     lines = ["# Reward / KL frontier on the embedded sentiment task", "",
              "Made by (on this repository's 2-core CPU machine, "
              f"{runtime_s / 60:.0f} min wall clock):", "", "```", command, "```", "",
-             f"Setup: the embedded default task (tdpo_ext/tasks.py): one SFT model and one set "
-             f"of preference pairs, then each method trained {args.steps} steps "
+             "Setup: the embedded default task (tdpo_ext/training/tasks.py): one SFT model and "
+             f"one set of preference pairs, then each method trained {args.steps} steps "
              f"(lr {args.lr}, 32 pairs a step) from the same SFT model for each beta in "
              f"{betas} and seed in {seeds}, evaluated every {args.eval_every} steps on "
              f"{args.eval_prompts} held-out prompts: the mean VADER compound score of one policy "
@@ -201,9 +201,10 @@ def report(points, methods, betas, seeds, args, docs, runtime_s, command):
         for b in betas:
             r = next(r for r in means if r["method"] == m and r["beta"] == b
                      and r["step"] == last_step)
-            lines.append(f"| {m} | {b} | {r['reward']:.3f} | {r['sample_kl']:.2f} | "
-                         f"{r['kl_chosen']:.2f} | {r['kl_rejected']:.2f} | "
-                         f"{r['kl_rejected'] - r['kl_chosen']:.2f} | {r['accuracy']:.3f} |")
+            lines.append(f"| {m} | {b} | {num(r['reward'])} | {num(r['sample_kl'], 2)} | "
+                         f"{num(r['kl_chosen'], 2)} | {num(r['kl_rejected'], 2)} | "
+                         f"{num(r['kl_rejected'] - r['kl_chosen'], 2)} | "
+                         f"{num(r['accuracy'])} |")
     start = next(r for r in means if r["step"] == 0)
     lines += ["", f"Before preference training (step 0): task reward {start['reward']:.3f}.", ""]
     top = max(r["sample_kl"] for r in means)
@@ -241,7 +242,7 @@ def report(points, methods, betas, seeds, args, docs, runtime_s, command):
                          f"at {sum(x < -NOISE for x in d)} of {len(d)} "
                          f"(differences {', '.join(f'{x:+.3f}' for x in d)}).")
     lines += ["- Final rejected-minus-chosen eval KL per beta: " + "; ".join(
-        f"{m} " + ", ".join(f"{g:.2f}" for g in gap[m].values()) for m in methods) + "."]
+        f"{m} " + ", ".join(num(g, 2) for g in gap[m].values()) for m in methods) + "."]
     path, notes = os.path.join(docs, "frontier.md"), ""
     if os.path.isfile(path):  # hand-written notes after the marker survive a re-report
         with open(path) as f:

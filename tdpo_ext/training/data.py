@@ -19,8 +19,13 @@ class DataError(ValueError):
 
 def load_jsonl(path: str, keys=("prompt", "chosen", "rejected")) -> list[dict]:
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so that a bad byte names its line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} "
+                                f"at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from . import data as D
+from . import hooks
 from . import models as M
-from .ops import sequence_stats
+from ..ops import sequence_stats
 from .processes import log
 
 
@@ -15,9 +16,9 @@ def sample_eval(policy, ref, tok, task, prompts, cfg, seed) -> dict:
     """Mean task reward of one policy sample per prompt, and the sequential KL
     sum_t KL(pi_ref || pi_theta) (and log pi_theta / pi_ref) on those samples."""
     policy = M.unwrap(policy)
-    prompt_ids = [tok.encode(tok.format_prompt(p))[-cfg["max_prompt_length"]:] for p in prompts]
-    responses = M.generate(policy, tok, prompt_ids, max_new_tokens=cfg["max_new_tokens"],
-                           temperature=cfg["temperature"], top_k=cfg["top_k"], seed=seed)
+    prompt_ids = [tok.encode(tok.format_prompt(p))[-cfg.max_prompt_length:] for p in prompts]
+    responses = M.generate(policy, tok, prompt_ids, max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.temperature, top_k=cfg.top_k, seed=seed)
     rewards = task.reward(prompts, [tok.decode(r) for r in responses])
     kls, ratios = [], []
     chunk = 64 if isinstance(policy, M.TinyGPT) else 4
@@ -43,10 +44,10 @@ def make_pairs(model, tok, task, split, n_prompts, cfg, path) -> dict:
     """Two samples per prompt from `model`, ranked by the task reward, written as JSONL.
     A tie (equal reward) gives no preference, so it makes no pair; the count is reported."""
     prompts = task.prompts(split, n_prompts)
-    ids = [tok.encode(tok.format_prompt(p))[-cfg["max_prompt_length"]:] for p in prompts]
-    seed = cfg["seed"] * 7919 + (1 if split == "train" else 2)
-    samples = M.generate(model, tok, ids + ids, max_new_tokens=cfg["max_new_tokens"],
-                         temperature=cfg["temperature"], top_k=cfg["top_k"], seed=seed)
+    ids = [tok.encode(tok.format_prompt(p))[-cfg.max_prompt_length:] for p in prompts]
+    seed = cfg.seed * 7919 + (1 if split == "train" else 2)
+    samples = M.generate(model, tok, ids + ids, max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, top_k=cfg.top_k, seed=seed)
     texts = [tok.decode(s) for s in samples]
     rewards = task.reward(prompts + prompts, texts)
     rows, ties = [], 0
@@ -59,6 +60,7 @@ def make_pairs(model, tok, task, split, n_prompts, cfg, path) -> dict:
         rows.append({"prompt": p, "chosen": texts[hi], "rejected": texts[lo],
                      "chosen_reward": rewards[hi], "rejected_reward": rewards[lo]})
     D.write_jsonl(path, rows)
+    hooks.reached("pairs_written", split=split)
     stats = {"pairs": len(rows), "prompts": n_prompts, "ties_skipped": ties,
              "mean_sample_reward": sum(rewards) / len(rewards),
              "mean_chosen_reward": sum(r["chosen_reward"] for r in rows) / max(1, len(rows)),

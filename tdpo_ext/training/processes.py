@@ -1,17 +1,27 @@
-"""Processes, devices and random state, for the training loop (train.py) and the
-experiments built on it (experiment.py): one process or a torchrun group (DDP), its
-device, sums across processes, logging from the first one, and the RNG state a checkpoint
-saves and restores."""
+"""Processes, devices and random state, for the training loop and the experiments built
+on it: one process or a torchrun group (DDP), its device, sums across processes, logging
+from the first one, and the RNG state a checkpoint saves and restores."""
 from __future__ import annotations
 
 import os
 import random
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 
-def setup_distributed(device_arg: str, threads: int | None = None):
+class Processes(NamedTuple):
+    """This process's place in the run: its rank, the number of processes, its device."""
+    rank: int
+    world: int
+    device: torch.device
+
+
+ONE_CPU_PROCESS = Processes(0, 1, torch.device("cpu"))
+
+
+def setup_distributed(device_arg: str, threads: int | None = None) -> Processes:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", rank))
@@ -29,7 +39,7 @@ def setup_distributed(device_arg: str, threads: int | None = None):
         if device.type == "cpu" and not threads:  # share the cores between local processes
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return rank, world, device
+    return Processes(rank, world, device)
 
 
 def log(*args):
@@ -45,6 +55,15 @@ def log(*args):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def gather(obj) -> list:
+    """Every process's `obj`, in rank order (on every process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:

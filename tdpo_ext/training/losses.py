@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 
+from ..fused_linear import fused_linear_tdpo_loss
+from ..lm_head import last_hidden_state, lm_head_of
+from ..ops import tdpo_loss
+from ..reference import reference_tdpo_loss
 from . import data as D
 from . import models as M
-from .fused_linear import fused_linear_tdpo_loss
-from .lm_head import lm_head_of
-from .ops import tdpo_loss
 from .processes import all_sum
-from .reference import reference_tdpo_loss
 
 
 def sft_logps(logits, labels):
@@ -22,56 +22,54 @@ def sft_logps(logits, labels):
     return (logp * mask).sum(-1)
 
 
-def check_fused_linear(cfg, policy, ref, world: int) -> None:
-    """Refuses --fused-linear, with the reason, where it cannot run."""
-    if not cfg.get("fused_linear"):
-        return
+def fused_heads(cfg, policy, ref, world: int):
+    """(policy's, reference's) LMHead for --fused-linear, found once per run (the weights
+    are the models' own parameters, updated in place); None without --fused-linear. Refuses, with the reason, where it cannot run."""
+    if not cfg.fused_linear:
+        return None
     why = None
-    if cfg["loss"] == "sft" or cfg["loss_impl"] != "fused":
+    if cfg.loss == "sft" or cfg.loss_impl != "fused":
         why = "it needs a preference loss and --loss-impl fused"
     elif world > 1:
         why = ("DistributedDataParallel synchronizes gradients through the wrapped model's "
                "forward, which --fused-linear bypasses; run one process")
     elif isinstance(policy, M.TinyGPT):
         why = "the built-in tiny model has no separable LM head; use a transformers model"
-    if why is None:
+    else:
         try:
-            lm_head_of(policy)
-            lm_head_of(ref)
+            return lm_head_of(policy), lm_head_of(ref)
         except ValueError as e:
             why = str(e)
-    if why is not None:
-        raise SystemExit(f"tdpo-train: --fused-linear: {why}")
+    raise SystemExit(f"tdpo-train: --fused-linear: {why}")
 
 
-def forward_hidden_and_head(model, batch):
-    """(last hidden states, LMHead) of a model that lm_head_of fuses."""
-    head = lm_head_of(M.unwrap(model))
-    hidden = head.body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).last_hidden_state
-    return hidden, head
+def _hidden(head, batch):
+    return last_hidden_state(head.body(input_ids=batch["input_ids"],
+                                       attention_mask=batch["attention_mask"], use_cache=False))
 
 
-def batch_loss(policy, ref, batch, cfg, split: str):
-    """(mean loss, per-pair metric tensors named as in the reference implementation)."""
-    kw = dict(beta=cfg["beta"], alpha=cfg["alpha"], variant=cfg["loss"],
-              average_log_prob=cfg["average_log_prob"])
-    if cfg.get("fused_linear") and cfg["loss"] != "sft":
-        hidden, head = forward_hidden_and_head(policy, batch)
+def batch_loss(policy, ref, batch, cfg, split: str, heads=None):
+    """(mean loss, per-pair metric tensors named as in the reference implementation).
+    heads: fused_heads(...) for --fused-linear."""
+    kw = dict(beta=cfg.beta, alpha=cfg.alpha, variant=cfg.loss,
+              average_log_prob=cfg.average_log_prob)
+    if heads is not None:
+        head, ref_head = heads
+        hidden = _hidden(head, batch)
         with torch.no_grad():
-            ref_hidden, ref_head = forward_hidden_and_head(ref, batch)
+            ref_hidden = _hidden(ref_head, batch)
         out = fused_linear_tdpo_loss(hidden, head.weight, ref_hidden, ref_head.weight,
                                      batch["labels"], policy_bias=head.bias,
                                      ref_bias=ref_head.bias, logit_scale=head.logit_scale,
                                      logit_softcap=head.logit_softcap, **kw)
         return out.loss, pair_metrics(out, split)
     logits = M.forward_logits(policy, batch["input_ids"], batch["attention_mask"])
-    if cfg["loss"] == "sft":
+    if cfg.loss == "sft":
         logps = sft_logps(logits, batch["labels"])
         return -logps.mean(), {"loss": -logps.detach(), f"logps_{split}/chosen": logps.detach()}
     with torch.no_grad():
         ref_logits = M.forward_logits(ref, batch["input_ids"], batch["attention_mask"])
-    fn = tdpo_loss if cfg["loss_impl"] == "fused" else reference_tdpo_loss
+    fn = tdpo_loss if cfg.loss_impl == "fused" else reference_tdpo_loss
     out = fn(logits, ref_logits, batch["labels"], **kw)
     return out.loss, pair_metrics(out, split)
 

@@ -13,13 +13,15 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+from . import ASSETS_DIR
+
 TINY_CONFIG_FILE = "tiny_gpt.json"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -186,7 +188,7 @@ class TinyGPT(nn.Module):
 # Loading and saving
 
 def builtin_tokenizer() -> WordTokenizer:
-    return WordTokenizer.from_file(os.path.join(DATA_DIR, "vocab.txt"))
+    return WordTokenizer.from_file(os.path.join(ASSETS_DIR, "vocab.txt"))
 
 
 def smollm2_dir() -> str:
@@ -262,15 +264,22 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device="cpu",
 
 
 def save_model(model, tokenizer, folder: str) -> None:
-    os.makedirs(folder, exist_ok=True)
+    """Writes model and tokenizer to a folder beside `folder`, renamed into place once
+    complete: a kill leaves no `folder` or a whole one, never a partial one that a resumed
+    run would take for finished."""
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     model = unwrap(model)
     if isinstance(model, TinyGPT):
-        with open(os.path.join(folder, TINY_CONFIG_FILE), "w") as f:
+        with open(os.path.join(tmp, TINY_CONFIG_FILE), "w") as f:
             json.dump(asdict(model.config), f, indent=1)
-        torch.save(model.state_dict(), os.path.join(folder, "model.pt"))
+        torch.save(model.state_dict(), os.path.join(tmp, "model.pt"))
     else:
-        model.save_pretrained(folder)
-    tokenizer.save(folder)
+        model.save_pretrained(tmp)
+    tokenizer.save(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
 
 
 def unwrap(model):

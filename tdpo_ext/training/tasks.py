@@ -2,15 +2,17 @@
 
 - "sentiment" (the embedded default): a miniature of the TDPO paper's controlled-sentiment
   experiment (IMDb prefixes, GPT-2, a sentiment classifier as reward). Here: a corpus of
-  short synthetic movie reviews (tdpo_ext/data/reviews.txt), prompts that are their first
-  words, the tiny built-in GPT, and as reward the VADER compound score of prompt + response
-  (VADER's own lexicon values, tdpo_ext/data/vader_lexicon_subset.tsv, scored by a port of
-  VADER's rules: equal to vaderSentiment's compound on lower-case text without emoji;
-  tests/test_train_tasks.py checks it against the package when it is installed).
+  short synthetic movie reviews (tdpo_ext/training/assets/reviews.txt), prompts that are
+  their first words, the tiny built-in GPT, and as reward the VADER compound score of
+  prompt + response (VADER's own lexicon values,
+  tdpo_ext/training/assets/vader_lexicon_subset.tsv, scored by a port of VADER's rules:
+  equal to vaderSentiment's compound on lower-case text without emoji; tests/test_train_data.py
+  checks it against the package when it is installed).
 - "movie-reviews": SmolLM2-135M-Instruct asked for short movie reviews, its responses
   scored by the VADER compound score of the vadersentiment package.
 
-`python -m tdpo_ext.tasks write-data` regenerates the embedded data files (deterministic).
+`python -m tdpo_ext.training.tasks write-data` regenerates the embedded data files
+(deterministic).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import random
 import string
 import sys
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+from . import ASSETS_DIR
+
 
 # ---------------------------------------------------------------------------------------
 # VADER's compound score (Hutto & Gilbert, 2014; MIT licence), ported from vaderSentiment
@@ -52,7 +55,7 @@ SPECIAL_CASES = {"the shit": 3, "the bomb": 3, "bad ass": 1.5, "badass": 1.5, "b
 
 
 def load_lexicon(path: str | None = None) -> dict[str, float]:
-    path = path or os.path.join(DATA_DIR, "vader_lexicon_subset.tsv")
+    path = path or os.path.join(ASSETS_DIR, "vader_lexicon_subset.tsv")
     lexicon = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -229,19 +232,19 @@ def make_review(rng: random.Random) -> str:
 def write_data(n_reviews: int = 4000, seed: int = 1234) -> None:
     rng = random.Random(seed)
     reviews = [make_review(rng) for _ in range(n_reviews)]
-    with open(os.path.join(DATA_DIR, "reviews.txt"), "w", encoding="utf-8") as f:
+    with open(os.path.join(ASSETS_DIR, "reviews.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(reviews) + "\n")
     words = sorted({w for r in reviews for w in r.split()})
-    with open(os.path.join(DATA_DIR, "vocab.txt"), "w", encoding="utf-8") as f:
+    with open(os.path.join(ASSETS_DIR, "vocab.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(["<pad>", "<eos>", "<unk>"] + words) + "\n")
     from vaderSentiment import vaderSentiment as vs  # the lexicon's source
     full = load_lexicon(os.path.join(os.path.dirname(vs.__file__), "vader_lexicon.txt"))
-    with open(os.path.join(DATA_DIR, "vader_lexicon_subset.tsv"), "w", encoding="utf-8") as f:
+    with open(os.path.join(ASSETS_DIR, "vader_lexicon_subset.tsv"), "w", encoding="utf-8") as f:
         f.write("# The entries of VADER's vader_lexicon.txt (vaderSentiment 3.3.2, MIT licence,\n"
                 "# C.J. Hutto) for the words of vocab.txt: word <tab> mean valence.\n")
         f.writelines(f"{w}\t{full[w]}\n" for w in words if w in full)
     print(f"wrote {len(reviews)} reviews, {len(words)} words, "
-          f"{sum(w in full for w in words)} lexicon entries to {DATA_DIR}")
+          f"{sum(w in full for w in words)} lexicon entries to {ASSETS_DIR}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,15 +253,13 @@ def write_data(n_reviews: int = 4000, seed: int = 1234) -> None:
 class SentimentTask:
     """The embedded miniature of the paper's controlled-sentiment (IMDb) experiment."""
     name = "sentiment"
-    defaults = dict(model="tiny", loss="tdpo2", beta=0.1, alpha=0.5, lr=3e-4, steps=150,
-                    batch_size=32, grad_accum=1, max_length=64, max_prompt_length=16,
-                    eval_every=50, warmup_steps=10, sft_steps=250, sft_lr=2e-3,
-                    sft_batch_size=32, pair_prompts=2048, eval_prompts=128,
-                    max_new_tokens=28, eval_data_size=128)
+    # Settings that differ from tdpo-train's defaults (config.Config) for this task.
+    preset = dict(lr=3e-4, steps=150, max_length=64, max_prompt_length=16, eval_every=50,
+                  pair_prompts=2048, eval_prompts=128, max_new_tokens=28, eval_data_size=128)
 
     def __init__(self):
         self.lexicon = load_lexicon()
-        with open(os.path.join(DATA_DIR, "reviews.txt"), encoding="utf-8") as f:
+        with open(os.path.join(ASSETS_DIR, "reviews.txt"), encoding="utf-8") as f:
             self.reviews = [line.strip() for line in f if line.strip()]
         n_eval = len(self.reviews) // 10
         self.eval_reviews, self.train_reviews = self.reviews[:n_eval], self.reviews[n_eval:]
@@ -282,10 +283,9 @@ class MovieReviewTask:
     """SmolLM2 writes short movie reviews; reward: VADER compound (vadersentiment)."""
     name = "movie-reviews"
     # The recorded run's settings (docs/TRAINING.md): about half an hour on 2 CPU cores.
-    defaults = dict(model="smollm2", loss="tdpo2", beta=0.1, alpha=0.5, lr=2e-5, steps=12,
-                    batch_size=4, grad_accum=1, max_length=160, max_prompt_length=96,
-                    eval_every=6, warmup_steps=2, pair_prompts=64, eval_prompts=24,
-                    max_new_tokens=40, eval_data_size=8)
+    preset = dict(model="smollm2", lr=2e-5, steps=12, batch_size=4, max_length=160,
+                  max_prompt_length=96, eval_every=6, warmup_steps=2, pair_prompts=64,
+                  eval_prompts=24, max_new_tokens=40, eval_data_size=8)
     GENRES = ("horror", "romantic comedy", "science fiction", "animated", "crime", "war",
               "western", "musical", "superhero", "documentary", "fantasy", "spy", "sports",
               "disaster", "mystery", "family")
@@ -327,4 +327,4 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["write-data"]:
         write_data()
     else:
-        print("usage: python -m tdpo_ext.tasks write-data")
+        print("usage: python -m tdpo_ext.training.tasks write-data")

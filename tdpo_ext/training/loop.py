@@ -1,0 +1,226 @@
+"""The training loop of one stage (SFT, or preference training): optimizer steps over a
+resumable stream of examples, split over processes (DDP) and micro-batches, with
+evaluation, a metrics row per step, checkpoints, and a stop at the first non-finite loss
+or gradient."""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+
+import torch
+
+from . import checkpoint, hooks
+from . import data as D
+from .files import MetricsLog
+from .losses import Meter, batch_loss, fused_heads
+from .processes import Processes, all_sum, log
+from .sampling import sample_eval
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def num(x: float, digits: int = 3) -> str:
+    """x to `digits` decimals; a value that rounds to zero prints as 0, never -0."""
+    return f"{round(x, digits) + 0.0:.{digits}f}"
+
+
+def progress_bar(name: str, total: int, initial: int):
+    """A tqdm bar on a terminal; None when output goes to a file or pipe, where a bar's
+    redraws would flood the log (the loop then logs a line every tenth of the stage)."""
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc=name, dynamic_ncols=True)
+
+
+class Stage:
+    """Trains `policy` for cfg.steps optimizer steps on `train_items`, evaluating on
+    `eval_items` (and, with a task, on the reward of samples for `eval_prompts`), logging to
+    <folder>/metrics.jsonl and checkpointing to <folder>/checkpoint.pt."""
+
+    def __init__(self, name, folder, cfg, policy, ref, tok, train_items, eval_items,
+                 procs: Processes, task=None, eval_prompts=None):
+        self.name, self.dir, self.cfg, self.procs = name, folder, cfg, procs
+        self.tok, self.ref, self.task, self.eval_prompts = tok, ref, task, eval_prompts
+        self.train_items, self.eval_items = train_items, eval_items
+        b, ga, world = cfg.batch_size, cfg.grad_accum, procs.world
+        if b % (world * ga):
+            raise SystemExit(f"tdpo-train: --batch-size {b} must be divisible by processes "
+                             f"({world}) x --grad-accum ({ga})")
+        self.micro = b // (world * ga)
+        if eval_items and len(eval_items) < world:
+            raise SystemExit(f"tdpo-train: {len(eval_items)} eval examples for {world} processes")
+        self.heads = fused_heads(cfg, policy, ref, world)
+        self.module = policy
+        self.policy = policy
+        if world > 1:
+            device = procs.device
+            self.policy = torch.nn.parallel.DistributedDataParallel(
+                policy, device_ids=[device.index] if device.type == "cuda" else None)
+        self.opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr,
+                                     weight_decay=cfg.weight_decay)
+        warm = cfg.warmup_steps
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: min(1.0, (s + 1) / (warm + 1)))
+        self.stream = D.ExampleStream(len(train_items), cfg.seed)
+        self.step, self.saved_step, self.bar = 0, None, None
+        self.first_eval, self.last_eval, self.last_train = {}, {}, {}
+        self.chosen_only = cfg.loss == "sft"
+        self.ckpt = os.path.join(folder, checkpoint.FILE)
+        self.metrics = MetricsLog(os.path.join(folder, "metrics.jsonl"), procs.rank)
+
+    def _batch(self, items):
+        b = D.collate(items, self.tok.pad_token_id, self.chosen_only)
+        return {k: v.to(self.procs.device) for k, v in b.items()}
+
+    def _loss(self, model, items, split):
+        return batch_loss(model, self.ref, self._batch(items), self.cfg, split, self.heads)
+
+    # -- checkpoints
+    def save(self):
+        checkpoint.save(self.ckpt, {
+            "step": self.step, "model": self.module.state_dict(),
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "first_eval": self.first_eval, "last_eval": self.last_eval,
+            "last_train": self.last_train}, self.procs)
+        self.saved_step = self.step
+
+    def resume(self) -> bool:
+        """Continues from the checkpoint if there is one; the metrics log keeps exactly the
+        rows up to the step the stage continues from."""
+        state = checkpoint.load(self.ckpt, self.procs)
+        self.metrics.cut_to(None if state is None else state["step"])
+        if state is None:
+            return False
+        self.module.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.step = self.saved_step = state["step"]
+        self.first_eval, self.last_eval = state["first_eval"], state["last_eval"]
+        self.last_train = state["last_train"]
+        log(f"[{self.name}] resumed from {self.ckpt} at step {self.step}")
+        return True
+
+    # -- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        module, rank = self.module, self.procs.rank
+        was_training = module.training
+        module.eval()
+        meter = Meter()
+        mine = self.eval_items[rank::self.procs.world]
+        size = max(1, self.micro)
+        for i in range(0, len(mine), size):
+            meter.add(self._loss(module, mine[i:i + size], "eval")[1])
+        module.train(was_training)
+        metrics = meter.means("eval")
+        if self.task is not None and self.eval_prompts and rank == 0:
+            s = sample_eval(module, self.ref, self.tok, self.task, self.eval_prompts, self.cfg,
+                            seed=self.cfg.seed + 4242)
+            metrics.update({"task_reward/eval": s["reward"], "sample_kl/eval": s["seq_kl"],
+                            "sample_logratio/eval": s["logratio"],
+                            "sample_tokens/eval": s["response_tokens"]})
+        return metrics
+
+    def _log_eval(self, m):
+        parts = [f"loss {num(m['loss/eval'], 4)}"]
+        if "rewards_eval/accuracies" in m:
+            parts += [f"acc {num(m['rewards_eval/accuracies'])}",
+                      f"margin {num(m['rewards_eval/margins'])}",
+                      f"KL chosen {num(m['kl_eval/chosen'])} rejected "
+                      f"{num(m['kl_eval/rejected'])}"]
+        if "task_reward/eval" in m:
+            parts.append(f"task reward {num(m['task_reward/eval'])} "
+                         f"(sample seq-KL {num(m['sample_kl/eval'])})")
+        log(f"[{self.name}] eval @ step {self.step}: " + " | ".join(parts))
+
+    # -- training
+    def _train_step(self) -> tuple[dict, float]:
+        """One optimizer step: (train metrics, gradient norm before clipping)."""
+        cfg, ga = self.cfg, self.cfg.grad_accum
+        global_idx = self.stream.take(self.step * cfg.batch_size, cfg.batch_size)
+        mine = D.shard(global_idx, self.procs.rank, self.procs.world)
+        meter = Meter()
+        for j in range(ga):
+            items = [self.train_items[i] for i in mine[j * self.micro:(j + 1) * self.micro]]
+            # DDP averages gradients over processes on the last micro-batch's backward only.
+            last = j == ga - 1 or self.procs.world == 1
+            with self.policy.no_sync() if not last else contextlib.nullcontext():
+                loss, values = self._loss(self.policy, items, "train")
+                (loss / ga).backward()
+            meter.add(values)
+        hooks.reached("gradients", stage=self)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(),
+                                                         cfg.max_grad_norm))
+        metrics = meter.means("train")
+        bad = all_sum(torch.tensor(0.0 if math.isfinite(metrics["loss/train"]) and
+                                   math.isfinite(grad_norm) else 1.0))
+        if bad.item() > 0:
+            self._diverged(metrics["loss/train"], grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return metrics, grad_norm
+
+    def run(self) -> dict:
+        cfg, steps = self.cfg, self.cfg.steps
+        os.makedirs(self.dir, exist_ok=True)
+        if not self.resume() and self.eval_items:
+            self.last_eval = self.first_eval = self.evaluate()
+            self.metrics.append({"step": 0, "examples": 0} | self.last_eval)
+            self._log_eval(self.last_eval)
+        self.bar = progress_bar(self.name, steps, self.step) if self.procs.rank == 0 else None
+        t0 = time.time()
+        self.policy.train()
+        while self.step < steps:
+            metrics, grad_norm = self._train_step()
+            self.step += 1
+            record = {"step": self.step, "examples": self.step * cfg.batch_size,
+                      "epoch": self.step * cfg.batch_size / len(self.train_items),
+                      "lr": self.sched.get_last_lr()[0], "grad_norm": grad_norm,
+                      **metrics, "time_s": time.time() - t0}
+            self._show_progress(metrics)
+            if self.eval_items and (self.step % cfg.eval_every == 0 or self.step == steps):
+                self.last_eval = self.evaluate()
+                record.update(self.last_eval)
+                self._log_eval(self.last_eval)
+            self.last_train = record
+            self.metrics.append(record)
+            if self.step % cfg.save_every == 0 or self.step == steps:
+                self.save()
+            hooks.reached("step", stage=self)
+        if self.bar is not None:
+            self.bar.close()
+        hooks.reached("stage_done", stage=self)
+        return {"steps": self.step, "last_train": self.last_train,
+                "eval": self.last_eval, "first_eval": self.first_eval}
+
+    def _show_progress(self, metrics):
+        if self.bar is not None:
+            self.bar.update(1)
+            post = {"loss": f"{metrics['loss/train']:.4f}"}
+            if "rewards_train/accuracies" in metrics:
+                post["acc"] = f"{metrics['rewards_train/accuracies']:.2f}"
+            self.bar.set_postfix(post)
+        elif self.procs.rank == 0 and (self.step % max(1, self.cfg.steps // 10) == 0
+                                       or self.step == self.cfg.steps):
+            log(f"[{self.name}] step {self.step}/{self.cfg.steps} loss "
+                f"{num(metrics['loss/train'], 4)}")
+
+    def _diverged(self, loss, grad_norm):
+        if self.bar is not None:
+            self.bar.close()
+        where = (f"the last good checkpoint, {self.ckpt} (step {self.saved_step}), is kept"
+                 if self.saved_step is not None else "no checkpoint had been saved yet")
+        raise TrainingDiverged(
+            f"[{self.name}] non-finite {'loss' if not math.isfinite(loss) else 'gradient'} "
+            f"at step {self.step + 1} (loss {loss}, grad norm {grad_norm}): stopping; {where}. "
+            f"Try a lower --lr or --beta, or --dtype float32.")
