@@ -191,7 +191,7 @@ def bench_op(args, dims, dtype_name, prompt_frac) -> dict:
 # Train-step mode
 
 def load_smollm2(device):
-    from tdpo_ext import models as M
+    from tdpo_ext.training import models as M
 
     policy, _ = M.load_model("smollm2", dtype=torch.float32, device=device)
     ref = M.frozen_copy(policy)

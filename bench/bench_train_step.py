@@ -1,6 +1,6 @@
 """One full TDPO training step of SmolLM2-135M (policy forward + backward, reference
 forward, loss), --loss-impl fused beside reference, at a few batch shapes: time and peak
-memory. The step is tdpo_ext.losses.batch_loss + backward, the training loop's own code
+memory. The step is tdpo_ext.training.losses.batch_loss + backward, the training loop's own code
 (the optimizer update is left out: it is the same for both).
 
     python bench/bench_train_step.py                      # appends to bench/RESULTS.md
@@ -24,8 +24,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from peak_memory import PeakMemory  # noqa: E402
-from tdpo_ext import models as M  # noqa: E402
-from tdpo_ext.losses import batch_loss  # noqa: E402
+from tdpo_ext.training import models as M  # noqa: E402
+from tdpo_ext.training.config import Config  # noqa: E402
+from tdpo_ext.training.losses import batch_loss  # noqa: E402
 
 
 def make_batch(pairs, length, vocab, device, gen):
@@ -38,8 +39,7 @@ def make_batch(pairs, length, vocab, device, gen):
 
 
 def step(policy, ref, batch, impl):
-    cfg = {"loss": "tdpo2", "loss_impl": impl, "beta": 0.1, "alpha": 0.5,
-           "average_log_prob": False}
+    cfg = Config(loss="tdpo2", loss_impl=impl, beta=0.1, alpha=0.5)
     loss, _ = batch_loss(policy, ref, batch, cfg, "train")
     loss.backward()
     policy.zero_grad(set_to_none=True)
