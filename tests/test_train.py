@@ -215,6 +215,34 @@ def test_fused_linear_matches_materialized_logits(tmp_path, pairs, capsys, monke
     assert len(heads_found) == 2  # policy and reference, for 3 steps and 2 evaluations
 
 
+def test_fused_linear_under_ddp_equals_one_process(tmp_path, pairs):
+    """--fused-linear under torchrun (2 gloo processes): the policy's loss is computed inside
+    the DDP wrapper's forward, so every gradient, the tied LM head's included, is averaged:
+    after two steps both ranks hold bit-identical parameters, equal to one process's on the
+    same global batches."""
+    folder = save_tiny_llama(tmp_path / "hf_model")
+    common = ["--model", folder, "--data", pairs, "--eval-data", pairs, "--task", "none",
+              "--steps", "2", "--batch-size", "8", "--eval-every", "2", "--lr", "3e-3",
+              "--warmup-steps", "0", "--fused-linear", "--no-plots"]
+    saver = os.path.join(ROOT, "tests", "train_saving_params.py")
+    run_python(saver, tmp_path / "single", *common, "--out", tmp_path / "single_run")
+    torchrun_2(saver, tmp_path / "ddp", *common, "--out", tmp_path / "ddp_run")
+    one = torch.load(tmp_path / "single" / "tdpo2.rank0.pt")
+    rank0, rank1 = (torch.load(tmp_path / "ddp" / f"tdpo2.rank{r}.pt") for r in (0, 1))
+    start = transformers_state(folder)
+    assert not torch.equal(one["lm_head.weight"], start["lm_head.weight"])  # it has moved
+    for name in one:
+        assert torch.equal(rank0[name], rank1[name]), name
+        # Adam turns float rounding in near-zero gradients into steps of up to lr.
+        torch.testing.assert_close(rank0[name], one[name], rtol=1e-3, atol=1e-4,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def transformers_state(folder):
+    model, _ = M.load_model(str(folder))
+    return model.state_dict()
+
+
 def test_fused_linear_refuses_the_tiny_model(tmp_path, pairs):
     with pytest.raises(SystemExit, match="--fused-linear: the built-in tiny model"):
         train.main(["--data", pairs, "--task", "none", "--steps", "1", "--batch-size", "4",

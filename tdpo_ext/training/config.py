@@ -64,7 +64,7 @@ class Config:
     fused_linear: bool = setting(
         False, "compute the loss from the body's hidden states and the LM-head weight "
         "(fused_linear_tdpo_loss), never materializing logits; transformers models whose "
-        "head tdpo_ext.lm_head.lm_head_of can fuse, one process")
+        "head tdpo_ext.lm_head.lm_head_of can fuse; under torchrun too")
     out: typing.Optional[str] = setting(None, "output folder", default_help="runs/<timestamp>")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = setting("float32", "parameter dtype", choices=["float32", "bfloat16",

@@ -58,7 +58,7 @@ class Stage:
         self.micro = b // (world * ga)
         if eval_items and len(eval_items) < world:
             raise SystemExit(f"tdpo-train: {len(eval_items)} eval examples for {world} processes")
-        self.heads = fused_heads(cfg, policy, ref, world)
+        self.heads = fused_heads(cfg, policy, ref)
         self.module = policy
         self.policy = policy
         if world > 1:

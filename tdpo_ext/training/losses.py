@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..fused_linear import fused_linear_tdpo_loss
-from ..lm_head import last_hidden_state, lm_head_of
+from ..lm_head import add_fused_head, lm_head_of
 from ..ops import tdpo_loss
 from ..reference import reference_tdpo_loss
 from . import data as D
@@ -22,46 +22,38 @@ def sft_logps(logits, labels):
     return (logp * mask).sum(-1)
 
 
-def fused_heads(cfg, policy, ref, world: int):
-    """(policy's, reference's) LMHead for --fused-linear, found once per run (the weights
-    are the models' own parameters, updated in place); None without --fused-linear. Refuses, with the reason, where it cannot run."""
+def fused_heads(cfg, policy, ref):
+    """(policy's, reference's) LMHead for --fused-linear, found once per run, with each
+    model's forward taught to compute the loss from its hidden states (add_fused_head):
+    the policy's loss is then computed inside its own forward call, so a DDP wrapper
+    around it synchronizes every gradient, the LM head's included. None without
+    --fused-linear. Refuses, with the reason, where it cannot run."""
     if not cfg.fused_linear:
         return None
     why = None
     if cfg.loss == "sft" or cfg.loss_impl != "fused":
         why = "it needs a preference loss and --loss-impl fused"
-    elif world > 1:
-        why = ("DistributedDataParallel synchronizes gradients through the wrapped model's "
-               "forward, which --fused-linear bypasses; run one process")
     elif isinstance(policy, M.TinyGPT):
         why = "the built-in tiny model has no separable LM head; use a transformers model"
     else:
         try:
-            return lm_head_of(policy), lm_head_of(ref)
+            heads = lm_head_of(policy), lm_head_of(ref)
         except ValueError as e:
             why = str(e)
-    raise SystemExit(f"tdpo-train: --fused-linear: {why}")
-
-
-def _hidden(head, batch):
-    return last_hidden_state(head.body(input_ids=batch["input_ids"],
-                                       attention_mask=batch["attention_mask"], use_cache=False))
+    if why is not None:
+        raise SystemExit(f"tdpo-train: --fused-linear: {why}")
+    for model, head in zip((policy, ref), heads):
+        add_fused_head(model, head.body)
+    return heads
 
 
 def batch_loss(policy, ref, batch, cfg, split: str, heads=None):
     """(mean loss, per-pair metric tensors named as in the reference implementation).
-    heads: fused_heads(...) for --fused-linear."""
+    policy: the model or its DDP wrapper; heads: fused_heads(...) for --fused-linear."""
     kw = dict(beta=cfg.beta, alpha=cfg.alpha, variant=cfg.loss,
               average_log_prob=cfg.average_log_prob)
     if heads is not None:
-        head, ref_head = heads
-        hidden = _hidden(head, batch)
-        with torch.no_grad():
-            ref_hidden = _hidden(ref_head, batch)
-        out = fused_linear_tdpo_loss(hidden, head.weight, ref_hidden, ref_head.weight,
-                                     batch["labels"], policy_bias=head.bias,
-                                     ref_bias=ref_head.bias, logit_scale=head.logit_scale,
-                                     logit_softcap=head.logit_softcap, **kw)
+        out = _fused_linear_loss(policy, ref, batch, heads, **kw)
         return out.loss, pair_metrics(out, split)
     logits = M.forward_logits(policy, batch["input_ids"], batch["attention_mask"])
     if cfg.loss == "sft":
@@ -72,6 +64,26 @@ def batch_loss(policy, ref, batch, cfg, split: str, heads=None):
     fn = tdpo_loss if cfg.loss_impl == "fused" else reference_tdpo_loss
     out = fn(logits, ref_logits, batch["labels"], **kw)
     return out.loss, pair_metrics(out, split)
+
+
+def _fused_linear_loss(policy, ref, batch, heads, **kw):
+    """fused_linear_tdpo_loss, the policy's side computed inside its forward call."""
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    head = heads[0]
+    reference = {}
+
+    def keep_reference(hidden, weight, bias):
+        reference.update(ref_hidden=hidden, ref_weight=weight, ref_bias=bias)
+        return ()
+
+    def loss(hidden, weight, bias):
+        return fused_linear_tdpo_loss(
+            hidden, weight, labels=batch["labels"], policy_bias=bias, **reference,
+            logit_scale=head.logit_scale, logit_softcap=head.logit_softcap, **kw)
+
+    with torch.no_grad():
+        ref(**inputs, fused_head=keep_reference)
+    return policy(**inputs, fused_head=loss)
 
 
 def pair_metrics(out, split: str) -> dict:
