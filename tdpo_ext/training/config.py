@@ -67,7 +67,10 @@ class Config:
         "head tdpo_ext.lm_head.lm_head_of can fuse; under torchrun too")
     out: typing.Optional[str] = setting(None, "output folder", default_help="runs/<timestamp>")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
-    dtype: str = setting("float32", "parameter dtype", choices=["float32", "bfloat16",
+    dtype: str = setting("float32", "compute dtype: bfloat16 and float16 are mixed precision "
+                         "(float32 master weights and AdamW state, forward passes under "
+                         "autocast, a loss scaler for float16; the reference is held in it); "
+                         "final/ is saved in it", choices=["float32", "bfloat16",
                                                                 "float16"])
     threads: typing.Optional[int] = setting(
         None, "torch CPU threads", default_help="1 for the tiny model, whose matrices are "

@@ -67,6 +67,13 @@ class Stage:
                 policy, device_ids=[device.index] if device.type == "cuda" else None)
         self.opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr,
                                      weight_decay=cfg.weight_decay)
+        # Mixed precision: the parameters and AdamW's state stay float32 (the masters); the
+        # forward passes run under autocast in --dtype, and float16's narrow range needs its
+        # loss scaled (a disabled scaler passes everything through).
+        device_type = procs.device.type
+        self.compute = (torch.autocast(device_type, dtype=getattr(torch, cfg.dtype))
+                        if cfg.dtype != "float32" else contextlib.nullcontext())
+        self.scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
         warm = cfg.warmup_steps
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: min(1.0, (s + 1) / (warm + 1)))
@@ -82,13 +89,16 @@ class Stage:
         return {k: v.to(self.procs.device) for k, v in b.items()}
 
     def _loss(self, model, items, split):
-        return batch_loss(model, self.ref, self._batch(items), self.cfg, split, self.heads)
+        with self.compute:
+            return batch_loss(model, self.ref, self._batch(items), self.cfg, split,
+                              self.heads)
 
     # -- checkpoints
     def save(self):
         checkpoint.save(self.ckpt, {
             "step": self.step, "model": self.module.state_dict(),
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "first_eval": self.first_eval, "last_eval": self.last_eval,
             "last_train": self.last_train}, self.procs)
         self.saved_step = self.step
@@ -103,6 +113,7 @@ class Stage:
         self.module.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
         self.step = self.saved_step = state["step"]
         self.first_eval, self.last_eval = state["first_eval"], state["last_eval"]
         self.last_train = state["last_train"]
@@ -123,8 +134,9 @@ class Stage:
         module.train(was_training)
         metrics = meter.means("eval")
         if self.task is not None and self.eval_prompts and rank == 0:
-            s = sample_eval(module, self.ref, self.tok, self.task, self.eval_prompts, self.cfg,
-                            seed=self.cfg.seed + 4242)
+            with self.compute:
+                s = sample_eval(module, self.ref, self.tok, self.task, self.eval_prompts,
+                                self.cfg, seed=self.cfg.seed + 4242)
             metrics.update({"task_reward/eval": s["reward"], "sample_kl/eval": s["seq_kl"],
                             "sample_logratio/eval": s["logratio"],
                             "sample_tokens/eval": s["response_tokens"]})
@@ -155,17 +167,21 @@ class Stage:
             last = j == ga - 1 or self.procs.world == 1
             with self.policy.no_sync() if not last else contextlib.nullcontext():
                 loss, values = self._loss(self.policy, items, "train")
-                (loss / ga).backward()
+                self.scaler.scale(loss / ga).backward()
             meter.add(values)
+        self.scaler.unscale_(self.opt)
         hooks.reached("gradients", stage=self)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(),
                                                          cfg.max_grad_norm))
         metrics = meter.means("train")
-        bad = all_sum(torch.tensor(0.0 if math.isfinite(metrics["loss/train"]) and
-                                   math.isfinite(grad_norm) else 1.0))
-        if bad.item() > 0:
+        # With float16's loss scale, an overflowing gradient is expected now and then: the
+        # scaler skips that step and lowers the scale.
+        finite = math.isfinite(metrics["loss/train"]) and (
+            math.isfinite(grad_norm) or self.scaler.is_enabled())
+        if all_sum(torch.tensor(0.0 if finite else 1.0)).item() > 0:
             self._diverged(metrics["loss/train"], grad_norm)
-        self.opt.step()
+        self.scaler.step(self.opt)
+        self.scaler.update()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         return metrics, grad_norm

@@ -263,20 +263,22 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device="cpu",
     return model.to(device=device, dtype=dtype), HFTokenizer(tok, chat=bool(chat_template))
 
 
-def save_model(model, tokenizer, folder: str) -> None:
-    """Writes model and tokenizer to a folder beside `folder`, renamed into place once
-    complete: a kill leaves no `folder` or a whole one, never a partial one that a resumed
-    run would take for finished."""
+def save_model(model, tokenizer, folder: str, dtype: torch.dtype | None = None) -> None:
+    """Writes model (its floating-point tensors in dtype, if given) and tokenizer to a
+    folder beside `folder`, renamed into place once complete: a kill leaves no `folder` or
+    a whole one, never a partial one that a resumed run would take for finished."""
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     model = unwrap(model)
+    state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+             for k, v in model.state_dict().items()}
     if isinstance(model, TinyGPT):
         with open(os.path.join(tmp, TINY_CONFIG_FILE), "w") as f:
             json.dump(asdict(model.config), f, indent=1)
-        torch.save(model.state_dict(), os.path.join(tmp, "model.pt"))
+        torch.save(state, os.path.join(tmp, "model.pt"))
     else:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state)
     tokenizer.save(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)

@@ -47,10 +47,12 @@ def _mean_tokens(items, names) -> float:
 def sft_stage(cfg, task, procs: Processes, summary: dict) -> str:
     """Stage 1: supervised fine-tuning on the task's corpus (the paper's SFT model).
     Returns the folder of the fine-tuned model."""
-    out, dtype = os.path.join(cfg.out, "sft"), getattr(torch, cfg.dtype)
+    out = os.path.join(cfg.out, "sft")
     final, summary_path = os.path.join(out, "final"), os.path.join(out, "summary.json")
     if not os.path.isdir(final):
-        model, tok = M.load_model(cfg.model, dtype=dtype, device=procs.device, seed=cfg.seed,
+        # float32 master weights; --dtype is the compute dtype (Stage's autocast). The SFT
+        # model is saved in float32 for the preference stage to start from.
+        model, tok = M.load_model(cfg.model, device=procs.device, seed=cfg.seed,
                                   chat_template=cfg.chat_template)
         texts = task.sft_texts()
         n_eval = min(256, len(texts) // 10)
@@ -129,8 +131,10 @@ def train(cfg, procs: Processes) -> dict:
     summary: dict = {"task": cfg.task, "loss": cfg.loss, "model": cfg.model}
     policy_spec, train_path, eval_path = prepare_task_data(cfg, task, procs, summary)
 
-    # Stage 3: preference training (or SFT on --data's chosen responses).
-    policy, tok = M.load_model(policy_spec, dtype=dtype, device=procs.device, seed=cfg.seed,
+    # Stage 3: preference training (or SFT on --data's chosen responses). The policy keeps
+    # float32 master weights for AdamW (--dtype is the compute dtype: Stage's autocast);
+    # the frozen reference has no optimizer, so it is held in the compute dtype.
+    policy, tok = M.load_model(policy_spec, device=procs.device, seed=cfg.seed,
                                chat_template=cfg.chat_template)
     if cfg.loss == "sft":
         ref = None
@@ -138,7 +142,7 @@ def train(cfg, procs: Processes) -> dict:
         ref = M.frozen_copy(M.load_model(cfg.ref_model, dtype=dtype, device=procs.device,
                                          chat_template=cfg.chat_template)[0])
     else:
-        ref = M.frozen_copy(policy)
+        ref = M.frozen_copy(policy).to(dtype)
     if isinstance(policy, M.TinyGPT) and cfg.max_length > policy.config.max_len:
         log(f"--max-length {cfg.max_length} -> {policy.config.max_len}, the tiny model's "
             f"context")
@@ -168,7 +172,7 @@ def train(cfg, procs: Processes) -> dict:
         f"loss impl {cfg.loss_impl}")
     result = stage.run()
     if procs.rank == 0:
-        M.save_model(policy, tok, os.path.join(cfg.out, "final"))
+        M.save_model(policy, tok, os.path.join(cfg.out, "final"), dtype=dtype)
     barrier()
 
     summary.update({"steps": result["steps"], "eval": result["eval"],

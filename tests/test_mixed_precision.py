@@ -1,0 +1,40 @@
+"""--dtype bfloat16 / float16 is mixed precision: float32 master weights and AdamW state,
+forward passes under autocast, a loss scaler for float16. At DPO's learning rates a step
+moves nearly every weight, as in float32; AdamW on bfloat16 weights themselves would round
+almost every update away."""
+import os
+
+import pytest
+import torch
+from training_runs import pairs, tdpo_train
+
+from tdpo_ext.training import models as M
+
+assert pairs  # a fixture
+
+
+def masters(out):
+    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["model"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_moves_weights_as_float32(tmp_path, pairs, dtype):
+    common = ["--data", pairs, "--eval-data", pairs, "--task", "none", "--steps", "2",
+              "--batch-size", "8", "--eval-every", "2", "--lr", "5e-7", "--warmup-steps", "0",
+              "--no-plots"]
+    tdpo_train(*common, "--out", tmp_path / "float32")
+    tdpo_train(*common, "--dtype", dtype, "--out", tmp_path / dtype)
+    start = M.load_model("tiny", seed=0)[0].state_dict()
+    full, mixed = masters(tmp_path / "float32"), masters(tmp_path / dtype)
+    assert all(mixed[name].dtype == torch.float32 for name in start)  # float32 masters
+    d_full = torch.cat([(full[n] - w).flatten() for n, w in start.items()])
+    d_mixed = torch.cat([(mixed[n] - w).flatten() for n, w in start.items()])
+    # AdamW's first steps are about lr * sign(gradient): the same moves as in float32, but
+    # where compute rounding flips the sign of a gradient near 0 (measured: 0.3% of the
+    # weights, 6% of the update's norm in bfloat16; AdamW on bfloat16 weights: 3200%).
+    assert (d_mixed != 0).sum() >= 0.98 * (d_full != 0).sum()
+    assert (d_mixed.sign() == d_full.sign()).float().mean() > 0.98
+    assert (d_mixed - d_full).norm() <= 0.2 * d_full.norm()
+    final = torch.load(tmp_path / dtype / "final" / "model.pt", weights_only=True)
+    assert all(v.dtype == getattr(torch, dtype) for v in final.values()
+               if v.is_floating_point())
