@@ -7,17 +7,16 @@ import torch
 import oracle
 import tdpo_ext
 from compare import assert_within
+import error_bounds
 from error_bounds import EPS32, policy_grad_scale
 from inputs import Case, build
 
-# Each device is within ULPS * EPS32 * magnitude of the oracle (test_sequence_stats.py),
-# so the two are within twice that of each other.
-RTOL = 2e-5
-ULPS = 16
-GRAD_RTOL = {torch.float32: RTOL, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
-GRAD_ATOL = {torch.float32: 32 * torch.finfo(torch.float32).tiny,
-             torch.bfloat16: 32 * torch.finfo(torch.float32).tiny,
-             torch.float16: 2.0**-23}
+# Each device is within error_bounds' tolerances of the oracle (test_sequence_stats.py),
+# so the two are within twice those of each other.
+RTOL = 2 * error_bounds.RTOL
+ULPS = 2 * error_bounds.ULPS
+GRAD_RTOL = {dtype: 2 * rtol for dtype, rtol in error_bounds.GRAD_RTOL.items()}
+GRAD_ATOL = {dtype: 2 * atol for dtype, atol in error_bounds.GRAD_ATOL.items()}
 
 needs_cuda = pytest.mark.skipif(
     not (torch.cuda.is_available() and tdpo_ext.built_with_cuda()),
