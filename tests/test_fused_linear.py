@@ -190,20 +190,34 @@ def test_low_precision_dtypes(device, pol_dtype, ref_dtype):
     assert_matches(run_fused(inputs, chunk_size=9), run_materialized(inputs), pol_dtype)
 
 
-def test_matches_float64_oracle():
+@pytest.mark.parametrize("variant", tdpo_ext.ops.VARIANTS)
+def test_matches_float64_oracle(variant):
+    """Values and gradients against the float64 oracle (not only against tdpo_loss, whose
+    row reduction and pairwise output the fused path shares), through a scaled and
+    soft-capped head."""
     oracle = pytest.importorskip("oracle")
     inputs = make_inputs(6, 10, 16, 20, 64, bias=True, masked_rows=(4,), seed=11)
-    kw = dict(beta=0.3, alpha=0.7, variant="tdpo2", average_log_prob=True)
-    out, _ = run_fused(inputs, chunk_size=13, **kw)
-    with torch.no_grad():
-        d = {k: v.double() for k, v in inputs.items() if v is not None and k != "labels"}
-        expected = oracle.tdpo_loss(F.linear(d["policy_hidden"], d["policy_weight"],
-                                             d["policy_bias"]),
-                                    F.linear(d["ref_hidden"], d["ref_weight"], d["ref_bias"]),
-                                    inputs["labels"], **kw)
+    kw = dict(beta=0.3, alpha=0.7, variant=variant, average_log_prob=True)
+    scale, softcap = 0.8, 5.0
+    out, grads = run_fused(inputs, chunk_size=13, logit_scale=scale, logit_softcap=softcap,
+                           **kw)
+    d = {k: v.double().requires_grad_(k.startswith("policy"))
+         for k, v in inputs.items() if v is not None and k != "labels"}
+
+    def logits(name):
+        z = F.linear(d[f"{name}_hidden"], d[f"{name}_weight"], d[f"{name}_bias"]) * scale
+        return torch.tanh(z / softcap) * softcap
+
+    expected = oracle.tdpo_loss(logits("policy"), logits("ref").detach(), inputs["labels"],
+                                **kw)
     for name in FIELDS:
         torch.testing.assert_close(getattr(out, name).double(), getattr(expected, name),
-                                   rtol=1e-4, atol=1e-4)
+                                   rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    wrt = [k for k in d if k.startswith("policy")]
+    for name, want in zip(wrt, torch.autograd.grad(expected.loss, [d[k] for k in wrt])):
+        torch.testing.assert_close(grads[name].double(), want, rtol=1e-4,
+                                   atol=1e-4 * want.abs().max().item(),
+                                   msg=lambda m, n=name: f"grad {n}: {m}")
 
 
 def test_fully_masked_batch_and_rows():
