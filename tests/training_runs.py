@@ -7,6 +7,9 @@ import sys
 
 import pytest
 import torch
+from ports import free_port
+
+from tdpo_ext.training import models as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The embedded pipeline (SFT, pairs, TDPO2) at a size that runs in seconds.
@@ -38,6 +41,12 @@ def tdpo_train(*args, check=True):
     return run_python("-m", "tdpo_ext.training.train", *args, check=check)
 
 
+def torchrun_2(*args, check=True):
+    return run_python("-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                      "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args,
+                      check=check)
+
+
 @pytest.fixture
 def pairs(tmp_path):
     path = tmp_path / "pairs.jsonl"
@@ -64,3 +73,31 @@ def assert_same_params(a, b):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def save_tiny_llama(folder, tied=False):
+    """A tiny random transformers causal LM (Llama, its head tied to the input embeddings
+    or not) with a word-level tokenizer over the built-in vocabulary, saved to folder."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    words = M.builtin_tokenizer().words
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>"] + words[3:])}
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>",
+                                               eos_token="</s>", unk_token="<unk>")
+    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32,
+                                      intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4,
+                                      max_position_embeddings=64, pad_token_id=0,
+                                      eos_token_id=1, bos_token_id=1,
+                                      tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def transformers_state(folder):
+    model, _ = M.load_model(str(folder))
+    return model.state_dict()
