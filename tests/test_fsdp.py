@@ -6,8 +6,9 @@ import os
 
 import pytest
 import torch
-from training_runs import (ROOT, final_params, pairs, read_metrics, save_tiny_llama,
-                           tdpo_train, torchrun_2, transformers_state, without_time)
+from training_runs import (ROOT, assert_same_metrics, final_params, pairs, read_metrics,
+                           save_tiny_llama, tdpo_train, torchrun_2, transformers_state,
+                           without_time)
 
 from tdpo_ext.training import models as M
 from tdpo_ext.training import train
@@ -47,12 +48,8 @@ def test_fsdp_two_processes_equal_one_process(tmp_path, pairs, fsdp_run):
     which loads again as --model) equal one unsharded process's."""
     single = tmp_path / "single"
     tdpo_train(*fsdp_args(pairs, single))
-    s, f = without_time(read_metrics(single)), without_time(read_metrics(fsdp_run))
-    assert [r.keys() for r in f] == [r.keys() for r in s] and len(s) == 4
-    assert abs(s[-1]["loss/train"] - s[1]["loss/train"]) > 0.05  # the model has moved
-    for rs, rf in zip(s, f):
-        for k in rs:
-            assert rf[k] == pytest.approx(rs[k], rel=1e-4, abs=1e-5), (rs["step"], k)
+    s = assert_same_metrics(single, fsdp_run)
+    assert len(s) == 4 and abs(s[-1]["loss/train"] - s[1]["loss/train"]) > 0.05  # moved
     assert_close_params(final_params(single), final_params(fsdp_run))
     assert (fsdp_run / "checkpoint" / "training_state.pt").exists()
     model, _ = M.load_model(str(fsdp_run / "final"))
@@ -60,9 +57,9 @@ def test_fsdp_two_processes_equal_one_process(tmp_path, pairs, fsdp_run):
 
 
 # Kill points: after the step-2 checkpoint (on both processes), and midway through
-# writing the step-3 one (rank 0's part, in the temporary folder), which must leave the
-# step-2 checkpoint in place.
-KILL_POINTS = ["step tdpo2 2", "torch.save */checkpoint.tmp/training_state.pt 3"]
+# writing the step-3 one (rank 0's part, last of it), which must leave the step-2
+# checkpoint in place.
+KILL_POINTS = ["step tdpo2 2", "torch.save */checkpoint*/training_state.pt 3"]
 
 
 def test_fsdp_killed_and_resumed_ends_as_an_uninterrupted_run(tmp_path, pairs, fsdp_run):
@@ -101,10 +98,22 @@ def test_fused_linear_under_fsdp_equals_one_process(tmp_path, pairs, tied):
     assert (sharded.lm_head.weight is sharded.model.embed_tokens.weight) == tied
     assert not torch.equal(one["lm_head.weight"], start["lm_head.weight"])  # it has moved
     assert_close_params(one, sharded.state_dict())
-    s, f = (without_time(read_metrics(tmp_path / n)) for n in ("single", "fsdp"))
-    for rs, rf in zip(s, f):
-        for k in rs:
-            assert rf[k] == pytest.approx(rs[k], rel=1e-4, abs=1e-5), (rs["step"], k)
+    assert_same_metrics(tmp_path / "single", tmp_path / "fsdp")
+
+
+def test_fsdp_evaluation_and_sampling_take_every_process(tmp_path, pairs):
+    """Every forward of a sharded model needs all processes: with 5 eval pairs over 2
+    processes (3 and 2, in batches of 2) and the task's sampling evaluation (which one
+    unsharded process would run alone), the run finishes instead of waiting forever, and
+    logs what one process logs."""
+    common = ["--data", pairs, "--eval-data", pairs, "--eval-data-size", "5", "--task",
+              "sentiment", "--eval-prompts", "4", "--max-new-tokens", "6", "--steps", "2",
+              "--batch-size", "4", "--eval-every", "2", "--lr", "3e-3", "--no-plots"]
+    tdpo_train(*common, "--out", tmp_path / "single")
+    torchrun_2("-m", "tdpo_ext.training.train", *common, "--parallel", "fsdp",
+               "--out", tmp_path / "fsdp", timeout=120)
+    rows = assert_same_metrics(tmp_path / "single", tmp_path / "fsdp")
+    assert "task_reward/eval" in rows[-1]
 
 
 def test_fsdp_in_one_process_is_refused(tmp_path, pairs):

@@ -2,6 +2,7 @@
 file, and a run's outputs."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -29,9 +30,19 @@ def env():
                 OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
 
 
-def run_python(*args, check=True):
-    p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env(),
-                       capture_output=True, text=True, timeout=300)
+def run_python(*args, check=True, timeout=300):
+    # In a session of its own, so that a timeout (a hung collective) kills torchrun's
+    # workers with it instead of leaving them waiting.
+    with subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    p = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
@@ -41,10 +52,10 @@ def tdpo_train(*args, check=True):
     return run_python("-m", "tdpo_ext.training.train", *args, check=check)
 
 
-def torchrun_2(*args, check=True):
+def torchrun_2(*args, check=True, timeout=300):
     return run_python("-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
                       "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args,
-                      check=check)
+                      check=check, timeout=timeout)
 
 
 @pytest.fixture
@@ -63,6 +74,17 @@ def read_metrics(folder):
 def without_time(rows):
     """Metrics rows without their wall-clock time, the one value two runs need not share."""
     return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
+
+
+def assert_same_metrics(a, b):
+    """Two runs' metrics rows (those of `a` and `b` folders) alike: the same rows and keys,
+    every value equal to float32 rounding. Returns a's rows."""
+    rows_a, rows_b = without_time(read_metrics(a)), without_time(read_metrics(b))
+    assert [r.keys() for r in rows_b] == [r.keys() for r in rows_a]
+    for ra, rb in zip(rows_a, rows_b):
+        for k in ra:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)
+    return rows_a
 
 
 def final_params(folder):

@@ -88,6 +88,8 @@ def load_sharded(folder: str, model, optimizer, procs: Processes) -> dict | None
                        weights_only=False)
     model_state, optim_state = get_state_dict(model, optimizer)
     shards = {"model": model_state, "optimizer": optim_state}
+    # dcp.load fills the tensors of these state dicts in place (the optimizer's are its
+    # own moment tensors); set_state_dict applies the rest (learning rates of the groups).
     dcp.load(shards, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=shards["model"],
                    optim_state_dict=shards["optimizer"])
