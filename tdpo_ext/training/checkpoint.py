@@ -75,9 +75,10 @@ def save_sharded(folder: str, model, optimizer, state: dict, procs: Processes) -
 
 
 def load_sharded(folder: str, model, optimizer, procs: Processes) -> dict | None:
-    """Loads the model's and optimizer's shards saved by save_sharded into them (any number
-    of processes: torch.distributed.checkpoint reshards) and returns the rest of the state
-    (None if there is no checkpoint), this process's RNG restored."""
+    """Loads the model's and optimizer's shards saved by save_sharded into them and returns
+    the rest of the state (None if there is no checkpoint), this process's RNG restored.
+    (torch.distributed.checkpoint can load onto another number of processes; tested here
+    with the same number only.)"""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
