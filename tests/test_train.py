@@ -9,9 +9,9 @@ import os
 
 import pytest
 import torch
-from ports import free_port
-from training_runs import (ROOT, TINY_PIPELINE, assert_same_params, final_params, pairs,
-                           read_metrics, run_python, tdpo_train, without_time)
+from training_runs import (ROOT, TINY_PIPELINE, assert_same_metrics, assert_same_params,
+                           final_params, pairs, read_metrics, run_python, save_tiny_llama,
+                           tdpo_train, torchrun_2, transformers_state, without_time)
 
 from tdpo_ext.training import config, hooks, losses, pipeline, train
 from tdpo_ext.training import models as M
@@ -112,12 +112,6 @@ def test_nan_gradient_stops_with_message_and_keeps_last_good_checkpoint(tmp_path
     assert [r["step"] for r in read_metrics(out)] == [0, 1, 2]
 
 
-def torchrun_2(*args, check=True):
-    return run_python("-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-                      "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args,
-                      check=check)
-
-
 def test_ddp_two_processes_killed_and_resumed_log_what_one_process_logs(tmp_path, pairs):
     """Every logged metric (train and eval, reduced over processes) and the gradient norm
     of each step, at a learning rate that moves the model: the same global batches and
@@ -135,39 +129,13 @@ def test_ddp_two_processes_killed_and_resumed_log_what_one_process_logs(tmp_path
     torchrun_2("-m", "tdpo_ext.training.train", "--resume", ddp)
     assert (ddp / "final" / "model.pt").exists()
     assert json.loads((ddp / "summary.json").read_text())["world_size"] == 2
-    s, d = without_time(read_metrics(single)), without_time(read_metrics(ddp))
-    assert [r.keys() for r in d] == [r.keys() for r in s]
+    s = assert_same_metrics(single, ddp)
     assert abs(s[-1]["loss/train"] - math.log(2)) > 0.05  # the model has moved
-    for rs, rd in zip(s, d):
-        for k in rs:
-            assert rd[k] == pytest.approx(rs[k], rel=1e-4, abs=1e-5), (rs["step"], k)
     # Adam turns float rounding in near-zero gradients into steps of up to lr: a looser
     # bound on the parameters than on the metrics.
     a, b = final_params(single), final_params(ddp)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
-
-
-def save_tiny_llama(folder):
-    """A tiny random transformers causal LM (Llama, tied head) with a word-level
-    tokenizer over the built-in vocabulary, saved to folder."""
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    words = M.builtin_tokenizer().words
-    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>"] + words[3:])}
-    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>",
-                                               eos_token="</s>", unk_token="<unk>")
-    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32,
-                                      intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=4,
-                                      max_position_embeddings=64, pad_token_id=0,
-                                      eos_token_id=1, bos_token_id=1)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
 
 
 def test_transformers_model_from_a_folder(tmp_path, pairs, capsys):
@@ -236,11 +204,6 @@ def test_fused_linear_under_ddp_equals_one_process(tmp_path, pairs):
         # Adam turns float rounding in near-zero gradients into steps of up to lr.
         torch.testing.assert_close(rank0[name], one[name], rtol=1e-3, atol=1e-4,
                                    msg=lambda m, n=name: f"{n}: {m}")
-
-
-def transformers_state(folder):
-    model, _ = M.load_model(str(folder))
-    return model.state_dict()
 
 
 def test_fused_linear_refuses_the_tiny_model(tmp_path, pairs):

@@ -2,11 +2,15 @@
 file, and a run's outputs."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
+from ports import free_port
+
+from tdpo_ext.training import models as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The embedded pipeline (SFT, pairs, TDPO2) at a size that runs in seconds.
@@ -26,9 +30,19 @@ def env():
                 OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
 
 
-def run_python(*args, check=True):
-    p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env(),
-                       capture_output=True, text=True, timeout=300)
+def run_python(*args, check=True, timeout=300):
+    # In a session of its own, so that a timeout (a hung collective) kills torchrun's
+    # workers with it instead of leaving them waiting.
+    with subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    p = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
@@ -36,6 +50,12 @@ def run_python(*args, check=True):
 
 def tdpo_train(*args, check=True):
     return run_python("-m", "tdpo_ext.training.train", *args, check=check)
+
+
+def torchrun_2(*args, check=True, timeout=300):
+    return run_python("-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                      "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args,
+                      check=check, timeout=timeout)
 
 
 @pytest.fixture
@@ -56,6 +76,17 @@ def without_time(rows):
     return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
 
 
+def assert_same_metrics(a, b):
+    """Two runs' metrics rows (those of `a` and `b` folders) alike: the same rows and keys,
+    every value equal to float32 rounding. Returns a's rows."""
+    rows_a, rows_b = without_time(read_metrics(a)), without_time(read_metrics(b))
+    assert [r.keys() for r in rows_b] == [r.keys() for r in rows_a]
+    for ra, rb in zip(rows_a, rows_b):
+        for k in ra:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)
+    return rows_a
+
+
 def final_params(folder):
     return torch.load(os.path.join(folder, "final", "model.pt"), weights_only=True)
 
@@ -64,3 +95,31 @@ def assert_same_params(a, b):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def save_tiny_llama(folder, tied=False):
+    """A tiny random transformers causal LM (Llama, its head tied to the input embeddings
+    or not) with a word-level tokenizer over the built-in vocabulary, saved to folder."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    words = M.builtin_tokenizer().words
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>"] + words[3:])}
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>",
+                                               eos_token="</s>", unk_token="<unk>")
+    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32,
+                                      intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4,
+                                      max_position_embeddings=64, pad_token_id=0,
+                                      eos_token_id=1, bos_token_id=1,
+                                      tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def transformers_state(folder):
+    model, _ = M.load_model(str(folder))
+    return model.state_dict()

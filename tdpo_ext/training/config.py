@@ -65,6 +65,10 @@ class Config:
         False, "compute the loss from the body's hidden states and the LM-head weight "
         "(fused_linear_tdpo_loss), never materializing logits; transformers models whose "
         "head tdpo_ext.lm_head.lm_head_of can fuse; under torchrun too")
+    parallel: str = setting(
+        "ddp", "under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: "
+        "the policy and reference sharded over the processes, each transformer block a "
+        "unit; sharded checkpoints; needs more than one process)", choices=["ddp", "fsdp"])
     out: typing.Optional[str] = setting(None, "output folder", default_help="runs/<timestamp>")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = setting("float32", "compute dtype: bfloat16 and float16 are mixed precision "

@@ -1,7 +1,7 @@
 """The training loop of one stage (SFT, or preference training): optimizer steps over a
-resumable stream of examples, split over processes (DDP) and micro-batches, with
-evaluation, a metrics row per step, checkpoints, and a stop at the first non-finite loss
-or gradient."""
+resumable stream of examples, split over processes (DDP or FSDP2: parallel.py) and
+micro-batches, with evaluation, a metrics row per step, checkpoints, and a stop at the
+first non-finite loss or gradient."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from . import checkpoint, hooks
+from . import checkpoint, hooks, parallel
 from . import data as D
 from .files import MetricsLog
 from .losses import Meter, batch_loss, fused_heads
@@ -44,7 +44,8 @@ def progress_bar(name: str, total: int, initial: int):
 class Stage:
     """Trains `policy` for cfg.steps optimizer steps on `train_items`, evaluating on
     `eval_items` (and, with a task, on the reward of samples for `eval_prompts`), logging to
-    <folder>/metrics.jsonl and checkpointing to <folder>/checkpoint.pt."""
+    <folder>/metrics.jsonl and checkpointing to <folder>/checkpoint.pt (sharded: the
+    folder <folder>/checkpoint)."""
 
     def __init__(self, name, folder, cfg, policy, ref, tok, train_items, eval_items,
                  procs: Processes, task=None, eval_prompts=None):
@@ -60,19 +61,18 @@ class Stage:
             raise SystemExit(f"tdpo-train: {len(eval_items)} eval examples for {world} processes")
         self.heads = fused_heads(cfg, policy, ref)
         self.module = policy
-        self.policy = policy
-        if world > 1:
-            device = procs.device
-            self.policy = torch.nn.parallel.DistributedDataParallel(
-                policy, device_ids=[device.index] if device.type == "cuda" else None)
+        self.sharded = parallel.is_sharded(cfg, procs)
+        self.policy = parallel.wrap(policy, ref, cfg, procs)
         self.opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr,
                                      weight_decay=cfg.weight_decay)
         # Mixed precision: the parameters and AdamW's state stay float32 (the masters); the
-        # forward passes run under autocast in --dtype, and float16's narrow range needs its
-        # loss scaled (a disabled scaler passes everything through).
+        # forward passes run under autocast in --dtype (sharded: FSDP2 casts the gathered
+        # parameters instead, parallel.shard), and float16's narrow range needs its loss
+        # scaled (a disabled scaler passes everything through).
         device_type = procs.device.type
         self.compute = (torch.autocast(device_type, dtype=getattr(torch, cfg.dtype))
-                        if cfg.dtype != "float32" else contextlib.nullcontext())
+                        if cfg.dtype != "float32" and not self.sharded
+                        else contextlib.nullcontext())
         self.scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
         warm = cfg.warmup_steps
         self.sched = torch.optim.lr_scheduler.LambdaLR(
@@ -81,7 +81,8 @@ class Stage:
         self.step, self.saved_step, self.bar = 0, None, None
         self.first_eval, self.last_eval, self.last_train = {}, {}, {}
         self.chosen_only = cfg.loss == "sft"
-        self.ckpt = os.path.join(folder, checkpoint.FILE)
+        self.ckpt = os.path.join(folder, checkpoint.FOLDER if self.sharded
+                                 else checkpoint.FILE)
         self.metrics = MetricsLog(os.path.join(folder, "metrics.jsonl"), procs.rank)
 
     def _batch(self, items):
@@ -95,23 +96,31 @@ class Stage:
 
     # -- checkpoints
     def save(self):
-        checkpoint.save(self.ckpt, {
-            "step": self.step, "model": self.module.state_dict(),
-            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "first_eval": self.first_eval, "last_eval": self.last_eval,
-            "last_train": self.last_train}, self.procs)
+        state = {"step": self.step, "scheduler": self.sched.state_dict(),
+                 "scaler": self.scaler.state_dict(), "first_eval": self.first_eval,
+                 "last_eval": self.last_eval, "last_train": self.last_train}
+        if self.sharded:
+            checkpoint.save_sharded(self.ckpt, self.module, self.opt, state, self.procs)
+        else:
+            checkpoint.save(self.ckpt, state | {"model": self.module.state_dict(),
+                                                "optimizer": self.opt.state_dict()},
+                            self.procs)
         self.saved_step = self.step
 
     def resume(self) -> bool:
         """Continues from the checkpoint if there is one; the metrics log keeps exactly the
         rows up to the step the stage continues from."""
-        state = checkpoint.load(self.ckpt, self.procs)
+        checkpoint.refuse_other_form(self.dir, self.sharded)
+        if self.sharded:  # the model's and optimizer's shards loaded in place
+            state = checkpoint.load_sharded(self.ckpt, self.module, self.opt, self.procs)
+        else:
+            state = checkpoint.load(self.ckpt, self.procs)
         self.metrics.cut_to(None if state is None else state["step"])
         if state is None:
             return False
-        self.module.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
+        if not self.sharded:
+            self.module.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = self.saved_step = state["step"]
@@ -129,14 +138,22 @@ class Stage:
         meter = Meter()
         mine = self.eval_items[rank::self.procs.world]
         size = max(1, self.micro)
-        for i in range(0, len(mine), size):
-            meter.add(self._loss(module, mine[i:i + size], "eval")[1])
+        # A sharded forward gathers parameters from every process: all of them must take
+        # as many forward passes, so a process whose share is shorter repeats a batch whose
+        # metrics it drops.
+        most = -(-len(self.eval_items) // self.procs.world) if self.sharded else len(mine)
+        for i in range(0, most, size):
+            values = self._loss(module, mine[i:i + size] or mine[:size], "eval")[1]
+            if mine[i:i + size]:
+                meter.add(values)
         module.train(was_training)
         metrics = meter.means("eval")
-        if self.task is not None and self.eval_prompts and rank == 0:
+        # Sampling runs on rank 0 alone, except with sharded models, whose every forward
+        # needs all processes: they then all sample the same prompts in lockstep.
+        if self.task is not None and self.eval_prompts and (rank == 0 or self.sharded):
             with self.compute:
                 s = sample_eval(module, self.ref, self.tok, self.task, self.eval_prompts,
-                                self.cfg, seed=self.cfg.seed + 4242)
+                                self.cfg, seed=self.cfg.seed + 4242, synced=self.sharded)
             metrics.update({"task_reward/eval": s["reward"], "sample_kl/eval": s["seq_kl"],
                             "sample_logratio/eval": s["logratio"],
                             "sample_tokens/eval": s["response_tokens"]})
@@ -163,16 +180,14 @@ class Stage:
         meter = Meter()
         for j in range(ga):
             items = [self.train_items[i] for i in mine[j * self.micro:(j + 1) * self.micro]]
-            # DDP averages gradients over processes on the last micro-batch's backward only.
-            last = j == ga - 1 or self.procs.world == 1
-            with self.policy.no_sync() if not last else contextlib.nullcontext():
+            # Gradients are averaged over processes on the last micro-batch's backward only.
+            with parallel.gradient_sync(self.policy, j == ga - 1):
                 loss, values = self._loss(self.policy, items, "train")
                 self.scaler.scale(loss / ga).backward()
             meter.add(values)
         self.scaler.unscale_(self.opt)
         hooks.reached("gradients", stage=self)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(),
-                                                         cfg.max_grad_norm))
+        grad_norm = parallel.clip_grad_norm(self.module, cfg.max_grad_norm)
         metrics = meter.means("train")
         # With float16's loss scale, an overflowing gradient is expected now and then: the
         # scaler skips that step and lowers the scale.

@@ -263,16 +263,18 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device="cpu",
     return model.to(device=device, dtype=dtype), HFTokenizer(tok, chat=bool(chat_template))
 
 
-def save_model(model, tokenizer, folder: str, dtype: torch.dtype | None = None) -> None:
+def save_model(model, tokenizer, folder: str, dtype: torch.dtype | None = None,
+               state: dict | None = None) -> None:
     """Writes model (its floating-point tensors in dtype, if given) and tokenizer to a
     folder beside `folder`, renamed into place once complete: a kill leaves no `folder` or
-    a whole one, never a partial one that a resumed run would take for finished."""
+    a whole one, never a partial one that a resumed run would take for finished. state:
+    the model's whole state, where model.state_dict() would give shards."""
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     model = unwrap(model)
     state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
-             for k, v in model.state_dict().items()}
+             for k, v in (model.state_dict() if state is None else state).items()}
     if isinstance(model, TinyGPT):
         with open(os.path.join(tmp, TINY_CONFIG_FILE), "w") as f:
             json.dump(asdict(model.config), f, indent=1)
@@ -308,8 +310,10 @@ def forward_logits(model, input_ids, attention_mask):
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, seed: int = 0,
-             batch_size: int = 256) -> list[list[int]]:
-    """One sampled response per prompt (token ids, ending with EOS if one was sampled)."""
+             batch_size: int = 256, synced: bool = False) -> list[list[int]]:
+    """One sampled response per prompt (token ids, ending with EOS if one was sampled).
+    synced: every process of the group samples (a sharded model's forward needs them
+    all), and none stops before all are done."""
     model = unwrap(model)
     was_training = model.training
     model.eval()
@@ -321,10 +325,10 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
             chunk = prompts[i:i + batch_size]
             if isinstance(model, TinyGPT):
                 out += _tiny_generate(model, tokenizer, chunk, max_new_tokens, temperature,
-                                      top_k, gen, device)
+                                      top_k, gen, device, synced)
             else:
                 out += _hf_generate(model, tokenizer, chunk, max_new_tokens, temperature,
-                                    top_k, gen, device)
+                                    top_k, gen, device, synced)
     finally:
         model.train(was_training)
     return out
@@ -348,7 +352,16 @@ def _sample(logits, temperature, top_k, gen):
     return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
 
 
-def _tiny_generate(model, tok, prompts, max_new_tokens, temperature, top_k, gen, device):
+def _all_done(done, synced: bool) -> bool:
+    if synced:  # every process stops at the same step
+        left = (~done).sum()
+        torch.distributed.all_reduce(left)
+        return int(left) == 0
+    return bool(done.all())
+
+
+def _tiny_generate(model, tok, prompts, max_new_tokens, temperature, top_k, gen, device,
+                   synced):
     ids, mask = _left_pad(prompts, tok.pad_token_id, device)
     max_new_tokens = min(max_new_tokens, model.config.max_len - ids.shape[1])
     logits, past = model(ids, mask)
@@ -360,14 +373,15 @@ def _tiny_generate(model, tok, prompts, max_new_tokens, temperature, top_k, gen,
         steps.append(nxt)
         mask = torch.cat([mask, (~done).long()[:, None]], 1)
         done = done | (nxt == tok.eos_token_id)
-        if bool(done.all()):
+        if _all_done(done, synced):
             break
         logits, past = model(nxt[:, None], mask, past)
     return _cut([s.tolist() for s in torch.stack(steps, 1)] if steps else [[]] * len(prompts),
                 tok.eos_token_id)
 
 
-def _hf_generate(model, tok, prompts, max_new_tokens, temperature, top_k, gen, device):
+def _hf_generate(model, tok, prompts, max_new_tokens, temperature, top_k, gen, device,
+                 synced):
     ids, mask = _left_pad(prompts, tok.pad_token_id, device)
     # transformers samples from the global RNG: seed it from our generator, then restore.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -375,7 +389,7 @@ def _hf_generate(model, tok, prompts, max_new_tokens, temperature, top_k, gen, d
         seqs = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
                               temperature=temperature, top_k=top_k or None, top_p=1.0,
                               max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                              eos_token_id=tok.eos_token_id)
+                              eos_token_id=tok.eos_token_id, synced_gpus=synced)
     return _cut(seqs[:, ids.shape[1]:].tolist(), tok.eos_token_id)
 
 

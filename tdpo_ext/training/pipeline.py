@@ -15,6 +15,7 @@ import torch
 
 from . import data as D
 from . import models as M
+from . import parallel
 from .files import write_json
 from .loop import Stage, num
 from .processes import ONE_CPU_PROCESS, Processes, barrier, log, seed_all
@@ -44,6 +45,15 @@ def _mean_tokens(items, names) -> float:
     return sum(len(it[f"{n}_input_ids"]) for it in items for n in names) / max(1, len(items))
 
 
+def save_final(model, tok, folder: str, procs: Processes, dtype=None) -> None:
+    """The trained model as an ordinary model folder (rank 0 writes it; a sharded model is
+    first gathered, which every process takes part in)."""
+    state = parallel.full_state_dict(model)
+    if procs.rank == 0:
+        M.save_model(model, tok, folder, dtype=dtype, state=state)
+    barrier()
+
+
 def sft_stage(cfg, task, procs: Processes, summary: dict) -> str:
     """Stage 1: supervised fine-tuning on the task's corpus (the paper's SFT model).
     Returns the folder of the fine-tuned model."""
@@ -52,8 +62,8 @@ def sft_stage(cfg, task, procs: Processes, summary: dict) -> str:
     if not os.path.isdir(final):
         # float32 master weights; --dtype is the compute dtype (Stage's autocast). The SFT
         # model is saved in float32 for the preference stage to start from.
-        model, tok = M.load_model(cfg.model, device=procs.device, seed=cfg.seed,
-                                  chat_template=cfg.chat_template)
+        model, tok = M.load_model(cfg.model, device=parallel.load_device(cfg, procs),
+                                  seed=cfg.seed, chat_template=cfg.chat_template)
         texts = task.sft_texts()
         n_eval = min(256, len(texts) // 10)
         items = [D.tokenize_sft_text(t, tok, cfg.max_length) for t in texts]
@@ -69,8 +79,7 @@ def sft_stage(cfg, task, procs: Processes, summary: dict) -> str:
         result = stage.run()["eval"]
         if procs.rank == 0:  # the summary first: a finished final/ implies it exists
             write_json(summary_path, result)
-            M.save_model(model, tok, final)
-        barrier()
+        save_final(model, tok, final, procs)
     with open(summary_path) as f:
         summary["sft"] = json.load(f)
     return final
@@ -134,12 +143,13 @@ def train(cfg, procs: Processes) -> dict:
     # Stage 3: preference training (or SFT on --data's chosen responses). The policy keeps
     # float32 master weights for AdamW (--dtype is the compute dtype: Stage's autocast);
     # the frozen reference has no optimizer, so it is held in the compute dtype.
-    policy, tok = M.load_model(policy_spec, device=procs.device, seed=cfg.seed,
+    device = parallel.load_device(cfg, procs)
+    policy, tok = M.load_model(policy_spec, device=device, seed=cfg.seed,
                                chat_template=cfg.chat_template)
     if cfg.loss == "sft":
         ref = None
     elif cfg.ref_model:
-        ref = M.frozen_copy(M.load_model(cfg.ref_model, dtype=dtype, device=procs.device,
+        ref = M.frozen_copy(M.load_model(cfg.ref_model, dtype=dtype, device=device,
                                          chat_template=cfg.chat_template)[0])
     else:
         ref = M.frozen_copy(policy).to(dtype)
@@ -171,9 +181,7 @@ def train(cfg, procs: Processes) -> dict:
         f"steps of {cfg.batch_size} pairs, {procs.world} process(es) on {procs.device}, "
         f"loss impl {cfg.loss_impl}")
     result = stage.run()
-    if procs.rank == 0:
-        M.save_model(policy, tok, os.path.join(cfg.out, "final"), dtype=dtype)
-    barrier()
+    save_final(policy, tok, os.path.join(cfg.out, "final"), procs, dtype=dtype)
 
     summary.update({"steps": result["steps"], "eval": result["eval"],
                     "train": {k: v for k, v in result["last_train"].items()

@@ -12,13 +12,15 @@ from .processes import log
 
 
 @torch.no_grad()
-def sample_eval(policy, ref, tok, task, prompts, cfg, seed) -> dict:
+def sample_eval(policy, ref, tok, task, prompts, cfg, seed, synced=False) -> dict:
     """Mean task reward of one policy sample per prompt, and the sequential KL
-    sum_t KL(pi_ref || pi_theta) (and log pi_theta / pi_ref) on those samples."""
+    sum_t KL(pi_ref || pi_theta) (and log pi_theta / pi_ref) on those samples. synced:
+    every process calls it (sharded models), and they take the same forward passes."""
     policy = M.unwrap(policy)
     prompt_ids = [tok.encode(tok.format_prompt(p))[-cfg.max_prompt_length:] for p in prompts]
     responses = M.generate(policy, tok, prompt_ids, max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.temperature, top_k=cfg.top_k, seed=seed)
+                           temperature=cfg.temperature, top_k=cfg.top_k, seed=seed,
+                           synced=synced)
     rewards = task.reward(prompts, [tok.decode(r) for r in responses])
     kls, ratios = [], []
     chunk = 64 if isinstance(policy, M.TinyGPT) else 4

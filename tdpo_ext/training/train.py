@@ -7,10 +7,11 @@ tasks.py): supervised fine-tuning of the tiny built-in GPT on a review corpus, p
 pairs made by sampling two completions per prompt and ranking them by VADER sentiment,
 then TDPO2, with the task reward of policy samples before and after. With --data
 FILE.jsonl it trains on your pairs. The same command under `torchrun --nproc_per_node=N`
-trains with DistributedDataParallel.
+trains with DistributedDataParallel, or with --parallel fsdp sharded by FSDP2.
 
 Outputs in --out (default runs/<timestamp>): config.json, metrics.jsonl, summary.json,
-final/ (the policy), checkpoint.pt (the latest full training state, for --resume), plots.
+final/ (the policy), checkpoint.pt (the latest full training state, for --resume; the
+folder checkpoint/ when sharded), plots.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import config
+from . import config, parallel
 from .data import DataError
 from .files import write_json
 from .loop import TrainingDiverged
@@ -51,6 +52,7 @@ def new_run_folder(cfg, procs, argv) -> config.Config:
 def main(argv=None) -> int:
     cfg, resuming = config.from_command_line(argv)
     procs = setup_distributed(cfg.device, cfg.threads)
+    parallel.check(cfg, procs)
     if not resuming:
         cfg = new_run_folder(cfg, procs, argv)
     log(f"tdpo-train: task {cfg.task}, loss {cfg.loss} (beta {cfg.beta}, alpha "
