@@ -183,12 +183,13 @@ def test_fused_linear_matches_materialized_logits(tmp_path, pairs, capsys, monke
     assert len(heads_found) == 2  # policy and reference, for 3 steps and 2 evaluations
 
 
-def test_fused_linear_under_ddp_equals_one_process(tmp_path, pairs):
+@pytest.mark.parametrize("tied", [False, True])
+def test_fused_linear_under_ddp_equals_one_process(tmp_path, pairs, tied):
     """--fused-linear under torchrun (2 gloo processes): the policy's loss is computed inside
-    the DDP wrapper's forward, so every gradient, the tied LM head's included, is averaged:
-    after two steps both ranks hold bit-identical parameters, equal to one process's on the
-    same global batches."""
-    folder = save_tiny_llama(tmp_path / "hf_model")
+    the DDP wrapper's forward, so every gradient, the LM head's (tied to the embeddings or
+    not) included, is averaged: after two steps both ranks hold bit-identical parameters,
+    equal to one process's on the same global batches."""
+    folder = save_tiny_llama(tmp_path / "hf_model", tied=tied)
     common = ["--model", folder, "--data", pairs, "--eval-data", pairs, "--task", "none",
               "--steps", "2", "--batch-size", "8", "--eval-every", "2", "--lr", "3e-3",
               "--warmup-steps", "0", "--fused-linear", "--no-plots"]
