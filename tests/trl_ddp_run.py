@@ -3,6 +3,7 @@ PER_DEVICE pairs per process; each rank saves its final parameters to OUT/rank{r
 
     python -m torch.distributed.run --nproc_per_node=N trl_ddp_run.py OUT PER_DEVICE
 """
+import gc
 import sys
 
 import torch
@@ -20,3 +21,9 @@ trainer.train()
 rank = dist.get_rank() if dist.is_initialized() else 0
 torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
            f"{out}/rank{rank}.pt")
+# Free the wrapped model and its gloo work objects while the interpreter is alive (freed at
+# shutdown instead, they can abort the exit), then leave the group.
+del trainer
+gc.collect()
+if dist.is_initialized():
+    dist.destroy_process_group()

@@ -15,6 +15,7 @@ folder checkpoint/ when sharded), plots.
 """
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -64,6 +65,11 @@ def main(argv=None) -> int:
         return 1
     finally:
         if dist.is_initialized():
+            # FSDP2's modules sit in reference cycles that hold their last gloo work
+            # objects: freed only at interpreter shutdown, those abort the process
+            # ("terminate called without an active exception"). Free them now, while the
+            # interpreter and the process group are alive.
+            gc.collect()
             dist.destroy_process_group()
     if procs.rank == 0:
         report(summary, cfg.out)
