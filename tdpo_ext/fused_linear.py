@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import _C
+from .lm_head import FLOAT_DTYPES
 from .ops import (TDPOOutput, _check_hyper, _check_labels, pairwise_output, reduce_token_stats,
                   shift_labels)
 
@@ -40,7 +41,6 @@ __all__ = ["fused_linear_sequence_stats", "fused_linear_tdpo_loss", "auto_chunk_
 # Bytes that the working set of one step may take, per device type (see auto_chunk_size).
 CHUNK_BUDGET_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
 _DEFAULT_BUDGET = 64 << 20
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -377,7 +377,7 @@ def _check_model_inputs(name: str, hidden, weight, bias, labels) -> None:
     for what, t in ((f"{name}_hidden", hidden), (f"{name}_weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"tdpo_ext: {what} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"tdpo_ext: {what} must be float32, bfloat16 or float16, got "
                             f"{t.dtype}")
     if hidden.dim() != 3:

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The dtypes an LM head may have for the fused loss, and its tiled ops compute in.
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Config fields that scale the logits, in the order TRL 1.16's add_fused_lm_head reads them
 # (the first one set wins), each with how it turns into a factor: Cohere's logit_scale,
@@ -109,7 +110,7 @@ def output_linear(model) -> torch.nn.Linear:
         raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: it is "
                          f"{type(head).__module__}.{type(head).__qualname__}, not a plain "
                          "torch.nn.Linear (adapters, quantized or custom heads are not fused)")
-    if head.weight.dtype not in _FLOAT_DTYPES:
+    if head.weight.dtype not in FLOAT_DTYPES:
         raise ValueError(f"tdpo_ext: cannot fuse the LM head of {name}: its weight is "
                          f"{head.weight.dtype}")
     return head
@@ -210,3 +211,18 @@ def add_fused_head(model, body: torch.nn.Module) -> None:
         return fused_head(hidden, weight, bias)
 
     model.forward = types.MethodType(forward, model)
+
+
+def head_inputs(model, **inputs) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(hidden, weight, bias): what ``model``'s fused head reads for these inputs, through
+    its own forward call (add_fused_head), for a frozen reference whose side of the fused
+    loss is computed before the policy's forward."""
+    read = []
+
+    def keep(hidden, weight, bias):
+        read.append((hidden, weight, bias))
+        return ()
+
+    model(**inputs, fused_head=keep)
+    return read[0]
+

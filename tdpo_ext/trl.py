@@ -30,7 +30,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, use_adapter
 
 from .fused_linear import fused_linear_sequence_stats
-from .lm_head import add_fused_head, lm_head_of, verify_lm_head
+from .lm_head import add_fused_head, head_inputs, lm_head_of, verify_lm_head
 from .ops import pairwise_output, sequence_stats
 
 __all__ = ["TDPOConfig", "TDPOTrainer", "LOSS_TYPES"]
@@ -197,21 +197,16 @@ class TDPOTrainer(DPOTrainer):
     def _fused_stats(self, model, model_kwargs, labels):
         # Prompt-learning PEFT prepends virtual tokens: keep the positions of the real ones.
         seq_len = labels.shape[1]
-        ref = {}
-
-        def keep_reference(hidden, weight, bias):
-            ref.update(hidden=hidden[:, -seq_len:], weight=weight, bias=bias)
-            return ()
+        with self._reference() as reference:
+            ref_hidden, ref_weight, ref_bias = head_inputs(reference, **model_kwargs)
 
         def policy_stats(hidden, weight, bias):
             return fused_linear_sequence_stats(
-                hidden[:, -seq_len:], weight, ref["hidden"], ref["weight"], labels,
-                policy_bias=bias, ref_bias=ref["bias"],
+                hidden[:, -seq_len:], weight, ref_hidden[:, -seq_len:], ref_weight, labels,
+                policy_bias=bias, ref_bias=ref_bias,
                 average_log_prob=self.args.average_log_prob, logit_scale=self._logit_scale,
                 logit_softcap=self._logit_softcap)
 
-        with self._reference() as reference:
-            reference(**model_kwargs, fused_head=keep_reference)
         return model(**model_kwargs, fused_head=policy_stats)
 
     def _logits_stats(self, model, model_kwargs, labels):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..fused_linear import fused_linear_tdpo_loss
-from ..lm_head import add_fused_head, lm_head_of
+from ..lm_head import add_fused_head, head_inputs, lm_head_of
 from ..ops import tdpo_loss
 from ..reference import reference_tdpo_loss
 from . import data as D
@@ -70,19 +70,15 @@ def _fused_linear_loss(policy, ref, batch, heads, **kw):
     """fused_linear_tdpo_loss, the policy's side computed inside its forward call."""
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     head = heads[0]
-    reference = {}
-
-    def keep_reference(hidden, weight, bias):
-        reference.update(ref_hidden=hidden, ref_weight=weight, ref_bias=bias)
-        return ()
+    with torch.no_grad():
+        ref_hidden, ref_weight, ref_bias = head_inputs(ref, **inputs)
 
     def loss(hidden, weight, bias):
         return fused_linear_tdpo_loss(
-            hidden, weight, labels=batch["labels"], policy_bias=bias, **reference,
-            logit_scale=head.logit_scale, logit_softcap=head.logit_softcap, **kw)
+            hidden, weight, ref_hidden, ref_weight, batch["labels"], policy_bias=bias,
+            ref_bias=ref_bias, logit_scale=head.logit_scale,
+            logit_softcap=head.logit_softcap, **kw)
 
-    with torch.no_grad():
-        ref(**inputs, fused_head=keep_reference)
     return policy(**inputs, fused_head=loss)
 
 
