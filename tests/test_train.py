@@ -84,6 +84,9 @@ def test_sigkill_at_every_stage_then_resume_ends_as_an_uninterrupted_run(embedde
     for stage in ("sft", "."):
         assert without_time(read_metrics(killed / stage)) == \
             without_time(read_metrics(straight / stage)), stage
+    examples = read_metrics(killed, "eval_examples.jsonl")
+    assert examples == read_metrics(straight, "eval_examples.jsonl")
+    assert len(examples[0]["task_reward/eval"]) == len(examples[0]["sample_kl/eval"]) > 0
     for name in ("pairs_train.jsonl", "pairs_eval.jsonl", "pairs_stats.json"):
         assert (killed / name).read_text() == (straight / name).read_text(), name
     a, b = (json.loads((d / "summary.json").read_text()) for d in (straight, killed))
@@ -130,6 +133,12 @@ def test_ddp_two_processes_killed_and_resumed_log_what_one_process_logs(tmp_path
     assert (ddp / "final" / "model.pt").exists()
     assert json.loads((ddp / "summary.json").read_text())["world_size"] == 2
     s = assert_same_metrics(single, ddp)
+    # The per-pair eval values, gathered from both processes, in the eval file's order.
+    one, two = (read_metrics(d, "eval_examples.jsonl") for d in (single, ddp))
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 3]
+    for a, b in zip(one, two):
+        for k in ("kl_eval/chosen", "kl_eval/rejected"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k)
     assert abs(s[-1]["loss/train"] - math.log(2)) > 0.05  # the model has moved
     # Adam turns float rounding in near-zero gradients into steps of up to lr: a looser
     # bound on the parameters than on the metrics.

@@ -2,6 +2,7 @@
 --grad-accum 2 accumulates against --grad-accum 1's, a resume that restores the random
 state (the model's dropout draws from it), and a checkpoint write interrupted midway."""
 import io
+import json
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from tdpo_ext.training import models as M
 from tdpo_ext.training.config import Config
 from tdpo_ext.training.loop import Stage, num
 from tdpo_ext.training.processes import ONE_CPU_PROCESS
+from tdpo_ext.training.tasks import get_task
 
 
 class Killed(Exception):
@@ -91,6 +93,36 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_checkpoint(tmp_path
     assert state["step"] == 2
     resumed = make_stage(tmp_path)
     assert resumed.resume() and resumed.step == 2
+
+
+def test_stop_sample_kl_ends_training_after_the_evaluation_past_it(tmp_path):
+    """--stop-sample-kl: training stops after the first evaluation whose sample KL exceeds
+    it, checkpointed there, and a resume does not go on; eval_examples.jsonl holds each
+    evaluation's per-prompt and per-pair values, whose means metrics.jsonl logs."""
+    task = get_task("sentiment")
+
+    def stage():
+        s = make_stage(tmp_path, steps=6, eval_every=2, save_every=100, stop_sample_kl=1e-4,
+                       max_new_tokens=8)
+        s.task, s.eval_prompts = task, task.prompts("eval", 6)
+        s.eval_items = s.train_items[:5]
+        return s
+
+    first = stage()
+    assert first.run()["steps"] == 2
+    assert first.last_eval["sample_kl/eval"] > 1e-4
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    examples = [json.loads(line) for line in open(tmp_path / "eval_examples.jsonl")]
+    assert [r["step"] for r in examples] == [0, 2]
+    for ex, row in zip(examples, (rows[0], rows[2])):
+        assert len(ex["task_reward/eval"]) == len(ex["sample_kl/eval"]) == 6
+        assert len(ex["kl_eval/chosen"]) == len(ex["kl_eval/rejected"]) == 5
+        for k in ("task_reward/eval", "sample_kl/eval", "kl_eval/chosen", "kl_eval/rejected"):
+            assert sum(ex[k]) / len(ex[k]) == pytest.approx(row[k], rel=1e-6, abs=1e-9), k
+    assert checkpoint.load(str(tmp_path / checkpoint.FILE), ONE_CPU_PROCESS)["step"] == 2
+    again = stage()
+    assert again.run()["steps"] == 2  # resumed at the checkpoint of step 2, and stopped
 
 
 def test_numbers_in_log_lines_never_read_minus_zero():

@@ -66,8 +66,9 @@ def pairs(tmp_path):
     return str(path)
 
 
-def read_metrics(folder):
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
+def read_metrics(folder, name="metrics.jsonl"):
+    """A run's metrics rows (or, name="eval_examples.jsonl", its per-example eval rows)."""
+    with open(os.path.join(folder, name)) as f:
         return [json.loads(line) for line in f]
 
 

@@ -57,6 +57,10 @@ class Config:
         "--data held out")
     eval_data_size: int = setting(256, "at most this many eval pairs")
     eval_every: int = setting(100, "steps between evaluations")
+    stop_sample_kl: typing.Optional[float] = setting(
+        None, "end preference training early, after an evaluation whose sequential KL on "
+        "the task's policy samples (sample_kl/eval) exceeds this many nats",
+        default_help="never")
     save_every: typing.Optional[int] = setting(None, "steps between checkpoints",
                                                default_help="--eval-every")
     loss_impl: str = setting("fused", "the fused ops, or the reference code's pattern",

@@ -16,7 +16,7 @@ from . import checkpoint, hooks, parallel
 from . import data as D
 from .files import MetricsLog
 from .losses import Meter, batch_loss, fused_heads
-from .processes import Processes, all_sum, log
+from .processes import Processes, all_sum, gather, log
 from .sampling import sample_eval
 
 
@@ -27,6 +27,14 @@ class TrainingDiverged(RuntimeError):
 def num(x: float, digits: int = 3) -> str:
     """x to `digits` decimals; a value that rounds to zero prints as 0, never -0."""
     return f"{round(x, digits) + 0.0:.{digits}f}"
+
+
+def interleave(shares: list[list]) -> list:
+    """The eval examples in their order, from each process's share (rank r holds r::world)."""
+    out = [None] * sum(len(s) for s in shares)
+    for rank, share in enumerate(shares):
+        out[rank::len(shares)] = share
+    return out
 
 
 def progress_bar(name: str, total: int, initial: int):
@@ -84,6 +92,9 @@ class Stage:
         self.ckpt = os.path.join(folder, checkpoint.FOLDER if self.sharded
                                  else checkpoint.FILE)
         self.metrics = MetricsLog(os.path.join(folder, "metrics.jsonl"), procs.rank)
+        # Each evaluation's per-example values (whose means metrics.jsonl holds, under the
+        # same names): what confidence intervals over examples need.
+        self.examples = MetricsLog(os.path.join(folder, "eval_examples.jsonl"), procs.rank)
 
     def _batch(self, items):
         b = D.collate(items, self.tok.pad_token_id, self.chosen_only)
@@ -116,6 +127,7 @@ class Stage:
         else:
             state = checkpoint.load(self.ckpt, self.procs)
         self.metrics.cut_to(None if state is None else state["step"])
+        self.examples.cut_to(None if state is None else state["step"])
         if state is None:
             return False
         if not self.sharded:
@@ -135,7 +147,7 @@ class Stage:
         module, rank = self.module, self.procs.rank
         was_training = module.training
         module.eval()
-        meter = Meter()
+        meter, per_pair = Meter(), {}
         mine = self.eval_items[rank::self.procs.world]
         size = max(1, self.micro)
         # A sharded forward gathers parameters from every process: all of them must take
@@ -146,8 +158,11 @@ class Stage:
             values = self._loss(module, mine[i:i + size] or mine[:size], "eval")[1]
             if mine[i:i + size]:
                 meter.add(values)
+                for k in ("kl_eval/chosen", "kl_eval/rejected") & values.keys():
+                    per_pair.setdefault(k, []).extend(values[k].tolist())
         module.train(was_training)
         metrics = meter.means("eval")
+        examples = {k: interleave([p[k] for p in gather(per_pair)]) for k in per_pair}
         # Sampling runs on rank 0 alone, except with sharded models, whose every forward
         # needs all processes: they then all sample the same prompts in lockstep.
         if self.task is not None and self.eval_prompts and (rank == 0 or self.sharded):
@@ -157,6 +172,9 @@ class Stage:
             metrics.update({"task_reward/eval": s["reward"], "sample_kl/eval": s["seq_kl"],
                             "sample_logratio/eval": s["logratio"],
                             "sample_tokens/eval": s["response_tokens"]})
+            examples.update({"task_reward/eval": s["rewards"], "sample_kl/eval": s["seq_kls"]})
+        if examples:
+            self.examples.append({"step": self.step} | examples)
         return metrics
 
     def _log_eval(self, m):
@@ -211,7 +229,8 @@ class Stage:
         self.bar = progress_bar(self.name, steps, self.step) if self.procs.rank == 0 else None
         t0 = time.time()
         self.policy.train()
-        while self.step < steps:
+        stop = self._past_kl_limit()
+        while self.step < steps and not stop:
             metrics, grad_norm = self._train_step()
             self.step += 1
             record = {"step": self.step, "examples": self.step * cfg.batch_size,
@@ -223,9 +242,10 @@ class Stage:
                 self.last_eval = self.evaluate()
                 record.update(self.last_eval)
                 self._log_eval(self.last_eval)
+                stop = self._past_kl_limit()
             self.last_train = record
             self.metrics.append(record)
-            if self.step % cfg.save_every == 0 or self.step == steps:
+            if self.step % cfg.save_every == 0 or self.step == steps or stop:
                 self.save()
             hooks.reached("step", stage=self)
         if self.bar is not None:
@@ -233,6 +253,16 @@ class Stage:
         hooks.reached("stage_done", stage=self)
         return {"steps": self.step, "last_train": self.last_train,
                 "eval": self.last_eval, "first_eval": self.first_eval}
+
+    def _past_kl_limit(self) -> bool:
+        """--stop-sample-kl: the last evaluation's sample KL is beyond it (also when a
+        resumed run had stopped there)."""
+        limit, kl = self.cfg.stop_sample_kl, self.last_eval.get("sample_kl/eval")
+        if limit is None or kl is None or kl <= limit:
+            return False
+        log(f"[{self.name}] sample KL {num(kl)} > --stop-sample-kl {limit} at step "
+            f"{self.step}: training ends here")
+        return True
 
     def _show_progress(self, metrics):
         if self.bar is not None:

@@ -14,8 +14,9 @@ from .processes import log
 @torch.no_grad()
 def sample_eval(policy, ref, tok, task, prompts, cfg, seed, synced=False) -> dict:
     """Mean task reward of one policy sample per prompt, and the sequential KL
-    sum_t KL(pi_ref || pi_theta) (and log pi_theta / pi_ref) on those samples. synced:
-    every process calls it (sharded models), and they take the same forward passes."""
+    sum_t KL(pi_ref || pi_theta) (and log pi_theta / pi_ref) on those samples; also each
+    sample's reward and KL, in prompt order ("rewards", "seq_kls"). synced: every process
+    calls it (sharded models), and they take the same forward passes."""
     policy = M.unwrap(policy)
     prompt_ids = [tok.encode(tok.format_prompt(p))[-cfg.max_prompt_length:] for p in prompts]
     responses = M.generate(policy, tok, prompt_ids, max_new_tokens=cfg.max_new_tokens,
@@ -39,7 +40,8 @@ def sample_eval(policy, ref, tok, task, prompts, cfg, seed, synced=False) -> dic
     policy.train(was_training)
     n = len(prompts)
     return {"reward": sum(rewards) / n, "seq_kl": sum(kls) / n, "logratio": sum(ratios) / n,
-            "response_tokens": sum(len(r) for r in responses) / n}
+            "response_tokens": sum(len(r) for r in responses) / n,
+            "rewards": rewards, "seq_kls": kls}
 
 
 def make_pairs(model, tok, task, split, n_prompts, cfg, path) -> dict:
