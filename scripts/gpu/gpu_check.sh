@@ -23,6 +23,7 @@
 # Every step has its own timeout, the bench gets what is left but $TDPO_FUSED_RESERVE
 # seconds (default 90), and the whole ends within $TDPO_GPU_CHECK_SECONDS (default 540);
 # a failing step does not stop the later ones. Profiles: profile_ncu.sh, after this.
+# One TRL training step, TDPOTrainer beside DPOTrainer, is separate: trl_step.sh.
 # Exit status: 0 all passed, 1 a step failed, 2 no GPU.
 set -u
 NAME=gpu_check
