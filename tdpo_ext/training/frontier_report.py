@@ -151,7 +151,9 @@ def markdown(stats, runs, grid, budgets, betas, seeds, args, runtime_s, command,
             last = runs[m, beta]
             lines.append(f"| {m} | {beta} | {min(last)}-{max(last)} | {fmt(kl[i], 2)} "
                          f"(step {steps[i]}) | {fmt(reward[i])} |")
-    lines += ["", "## Best task reward within a KL budget", "",
+    start = stats[base].paths[betas[0]][1][0]
+    lines += ["", f"Before preference training (step 0, the SFT model): task reward "
+              f"{fmt(start)}.", "", "## Best task reward within a KL budget", "",
               f"Seed-mean reward, with its {S.LEVEL:.0%} interval. A dagger marks budgets "
               "beyond a method's furthest seed-mean KL: its best there is its best at all.",
               "", "| method | " + " | ".join(f"KL <= {b}" for b in budgets) + " |",
