@@ -12,7 +12,7 @@ NOTES_MARKER = "<!-- notes: kept when the report is regenerated -->"
 COLORS = {"DPO": "tab:red", "TDPO1": "tab:orange", "TDPO2 a=0.1": "tab:cyan",
           "TDPO2 a=0.5": "tab:blue", "TDPO2 a=1.0": "tab:purple"}
 MARKERS = ["o", "s", "^", "D", "v"]
-GAP_KL = 2.0  # nats of sample KL at which the gaps are compared in the table
+GAP_KL = (2.0, 4.0)  # nats of sample KL at which the gaps are compared in the table
 
 
 def fmt(x: float, digits: int = 3) -> str:
@@ -121,9 +121,9 @@ def markdown(stats, runs, grid, budgets, betas, seeds, args, runtime_s, command,
         f"{budgets[-1]} nats. A method's KL grows at its own pace (TDPO2's KL term holds "
         "it back, more so with a larger alpha), so no fixed step count suits all: each "
         "run goes on until it is past the budgets (the stopping rule above) or reaches "
-        f"step {args.steps}. Lower betas are in the grid because they let DPO and TDPO1 "
-        "travel furthest for the least training; beta 1.0 is there because DPO's most "
-        "conservative path is its best at small KL. Nothing is set per method.",
+        f"step {args.steps}. The betas span two decades, the same for every method: a "
+        "smaller beta lets a method travel further per step, a larger one moves it more "
+        "cautiously. Nothing is set per method.",
         "- **Best reward within a budget.** Each (method, beta)'s seed-mean path through "
         "its evaluations is read at KL values every "
         f"{S.GRID_STEP} nats, interpolating between the two evaluations around each (a "
@@ -179,32 +179,66 @@ def markdown(stats, runs, grid, budgets, betas, seeds, args, runtime_s, command,
               "keep the two closer. The gap is the seed-mean eval KL of the rejected minus "
               "that of the chosen responses of the eval pairs.", "",
               "![KL gap](frontier_kl.png)", "",
-              f"At {GAP_KL} nats of sample KL (where each path first gets there, "
-              f"interpolated), with its interval, and the verdict of the gap against "
-              f"{base}'s (smaller, level, larger):", "",
-              "| method | " + " | ".join(f"beta {b}" for b in betas) + " |",
-              "|---|" + "---|" * len(betas)]
-    col = int(np.argmin(np.abs(grid - GAP_KL)))
+              f"At {' and '.join(map(str, GAP_KL))} nats of sample KL (where each path "
+              "first gets there, interpolated), with its interval, and the verdict of the "
+              f"gap against {base}'s at the same beta (smaller, level, larger):", "",
+              "| method | " + " | ".join(f"beta {b}, {k} nats" for b in betas
+                                       for k in GAP_KL) + " |",
+              "|---|" + "---|" * (len(betas) * len(GAP_KL))]
     gap_verdicts = {}
     for m in methods:
         cells = []
         for beta in betas:
-            g = stats[m].gap_at_kl[beta][:, col:col + 1]
-            cell = with_interval(g, 2)[0]
+            for k in GAP_KL:
+                col = int(np.argmin(np.abs(grid - k)))
+                g = stats[m].gap_at_kl[beta][:, col]
+                cell = with_interval(g[:, None], 2)[0]
+                if m != base:
+                    v = S.verdict(g - stats[base].gap_at_kl[beta][:, col])
+                    v = {"above": "larger", "below": "smaller"}.get(v, v)
+                    gap_verdicts.setdefault(m, []).append(v)
+                    cell += f" **{v}**"
+                cells.append(cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    # As the paper plots it, over steps: at the last step of the baseline's runs (every
+    # seed), where the others have travelled less far.
+    last = {b: int(stats[base].gap[b][0][~np.isnan(stats[base].gap[b][1][0])][-1])
+            for b in betas}
+    lines += ["", f"At the same step: the last one every seed of {base} reached at that "
+              "beta, with each method's sample KL there, and the verdict against "
+              f"{base}'s:", "",
+              "| method | " + " | ".join(f"beta {b}, step {last[b]}" for b in betas) + " |",
+              "|---|" + "---|" * len(betas)]
+    for m in methods:
+        cells = []
+        for b in betas:
+            steps, gap = stats[m].gap[b]
+            i = np.flatnonzero(steps == last[b])
+            if not i.size:
+                cells.append("-")
+                continue
+            g, kl = gap[:, i[0]], stats[m].paths[b][2][i[0]]
+            cell = f"{with_interval(g[:, None], 2)[0]} at {fmt(kl, 1)} nats"
             if m != base:
-                v = S.verdict(g[:, 0] - stats[base].gap_at_kl[beta][:, col])
+                j = np.flatnonzero(stats[base].gap[b][0] == last[b])[0]
+                v = S.verdict(g - stats[base].gap[b][1][:, j])
                 v = {"above": "larger", "below": "smaller"}.get(v, v)
-                gap_verdicts.setdefault(m, []).append(v)
+                gap_verdicts[m].append(v)
                 cell += f" **{v}**"
             cells.append(cell)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "## Findings (computed)", ""]
+    n_kl = len(betas) * len(GAP_KL)
     for m in methods[1:]:
-        v = verdicts[m]
+        v, g = verdicts[m], gap_verdicts[m]
         lines.append(f"- {m} against {base}, best reward within the {len(budgets)} budgets: "
                      f"above at {v.count('above')}, level at {v.count('level')}, below at "
-                     f"{v.count('below')}; KL gap at {GAP_KL} nats: " + ", ".join(
-                         f"{g} (beta {b})" for g, b in zip(gap_verdicts[m], betas)) + ".")
+                     f"{v.count('below')}; its KL gap at equal sample KL ({n_kl} points): "
+                     f"smaller at {g[:n_kl].count('smaller')}, level at "
+                     f"{g[:n_kl].count('level')}, larger at {g[:n_kl].count('larger')}; at "
+                     f"equal steps ({len(g) - n_kl}): smaller at "
+                     f"{g[n_kl:].count('smaller')}, level at {g[n_kl:].count('level')}, "
+                     f"larger at {g[n_kl:].count('larger')}.")
     return lines
 
 
