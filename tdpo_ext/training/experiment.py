@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 METHODS = {"DPO": ("dpo", 0.5), "TDPO1": ("tdpo1", 0.5), "TDPO2 a=0.1": ("tdpo2", 0.1),
            "TDPO2 a=0.5": ("tdpo2", 0.5), "TDPO2 a=1.0": ("tdpo2", 1.0)}
@@ -51,9 +51,10 @@ def prepare_base(out, args):
 
 
 def run_one(base, out, method, beta, seed, args):
+    """Trains one run (resuming it if it was cut short); its seconds, None if it was done."""
     folder = os.path.join(out, "runs", slug(method, beta, seed))
     if os.path.isfile(os.path.join(folder, "summary.json")):
-        return folder
+        return None
     loss, alpha = METHODS[method]
     cmd = [sys.executable, "-m", "tdpo_ext.training.train", "--task", "sentiment",
            "--model", os.path.join(base, "sft", "final"),
@@ -75,11 +76,9 @@ def run_one(base, out, method, beta, seed, args):
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     with open(folder + ".log", "w") as logf:
         rc = subprocess.run(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT).returncode
-    print(f"  {slug(method, beta, seed)}: {'ok' if rc == 0 else f'FAILED ({rc})'} in "
-          f"{time.time() - t0:.0f} s", flush=True)
     if rc != 0:
-        raise RuntimeError(f"run failed, see {folder}.log")
-    return folder
+        raise RuntimeError(f"run {slug(method, beta, seed)} failed ({rc}), see {folder}.log")
+    return time.time() - t0
 
 
 def read_rows(path):
@@ -117,7 +116,8 @@ def report(out, methods, betas, seeds, args, docs, runtime_s, command):
     from . import frontier_stats as S
     trajectories, last_steps, points = collect(out, methods, betas, seeds)
     with open(os.path.join(docs, "frontier_points.json"), "w") as f:
-        json.dump(points, f, indent=0)
+        json.dump([{k: round(v, 5) if isinstance(v, float) else v for k, v in p.items()}
+                   for p in points], f, indent=0)
     some = next(iter(trajectories.values()))
     draws = S.draw(len(seeds), some.reward.shape[2], some.kl_chosen.shape[2], args.draws)
     budgets = [b for b in BUDGETS if args.stop_kl is None or b < args.stop_kl]
@@ -170,9 +170,15 @@ def main(argv=None) -> int:
     # so that the two workers finish together.
     jobs = [(m, b, s) for m in reversed(methods) for b in sorted(betas, reverse=True)
             for s in seeds]
-    print(f"frontier: {len(jobs)} runs, {args.jobs} at a time", flush=True)
+    print(f"frontier: {len(jobs)} runs, {args.jobs} at a time (a finished run is kept, a cut "
+          "one resumed)", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(lambda j: run_one(base, args.out, *j, args), jobs))
+        running = {pool.submit(run_one, base, args.out, *j, args): j for j in jobs}
+        for done, future in enumerate(as_completed(running), 1):
+            took = future.result()
+            if took is not None:
+                print(f"  [{done}/{len(jobs)}] {slug(*running[future])}: ok in {took:.0f} s "
+                      f"({(time.time() - t0) / 60:.0f} min so far)", flush=True)
     command = "tdpo-experiment " + " ".join(sys.argv[1:] if argv is None else argv)
     timing = os.path.join(args.out, "runtime.json")
     if os.path.isfile(timing) and time.time() - t0 < 120:  # only re-reported: keep the first

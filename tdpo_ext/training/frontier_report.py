@@ -114,14 +114,15 @@ def markdown(stats, runs, grid, budgets, betas, seeds, args, runtime_s, command,
         f"{args.eval_prompts} held-out prompts (the task reward of one policy sample per "
         "prompt, and the sequential KL sum_t KL(pi_ref || pi_theta) on that sample) and on "
         "the eval pairs (the sequential KL of their chosen and rejected responses), and "
-        f"one stopping rule: a run ends after the first evaluation whose sample KL exceeds "
-        f"{args.stop_kl} nats, or at step {args.steps}.", "",
+        + (f"one stopping rule: a run ends after the first evaluation whose sample KL "
+           f"exceeds {args.stop_kl} nats, or at step {args.steps}." if args.stop_kl is not None
+           else f"{args.steps} steps each."), "",
         "## How the comparison is made", "",
         "- **The same range for every method, by one rule.** The budgets reach "
         f"{budgets[-1]} nats. A method's KL grows at its own pace (TDPO2's KL term holds "
         "it back, more so with a larger alpha), so no fixed step count suits all: each "
         "run goes on until it is past the budgets (the stopping rule above) or reaches "
-        f"step {args.steps}. The betas span two decades, the same for every method: a "
+        f"step {args.steps}. The betas, {betas}, are the same for every method: a "
         "smaller beta lets a method travel further per step, a larger one moves it more "
         "cautiously. Nothing is set per method.",
         "- **Best reward within a budget.** Each (method, beta)'s seed-mean path through "
