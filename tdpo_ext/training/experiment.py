@@ -2,9 +2,10 @@
 
 One SFT model and one set of preference pairs (the embedded "sentiment" task), then DPO,
 TDPO1 and TDPO2 (alpha 0.1, 0.5, 1.0) trained from it across beta values and seeds, each
-run until its sample KL passes --stop-kl (or --steps), evaluated every --eval-every steps
-on the task reward of policy samples, the sequential KL sum_t KL(pi_ref || pi_theta) on
-those samples, and the KL of the eval pairs' chosen and rejected responses. Writes, in
+run until its sample KL passes --stop-sample-kl (or --steps), evaluated every
+--eval-every steps on the task reward of policy samples, the sequential KL
+sum_t KL(pi_ref || pi_theta) on those samples, and the KL of the eval pairs' chosen and
+rejected responses. Writes, in
 --docs: frontier.md (command, settings, method, tables with bootstrap intervals, verdicts
 against DPO), frontier.png (paths, and the best reward within a KL budget),
 frontier_kl.png (the rejected-minus-chosen KL gap) and frontier_points.json (every
@@ -63,8 +64,8 @@ def run_one(base, out, method, beta, seed, args):
            "--loss", loss, "--beta", str(beta), "--alpha", str(alpha), "--seed", str(seed),
            "--steps", str(args.steps), "--eval-every", str(args.eval_every),
            "--lr", str(args.lr), "--eval-prompts", str(args.eval_prompts), "--no-plots"]
-    if args.stop_kl is not None:
-        cmd += ["--stop-sample-kl", str(args.stop_kl)]
+    if args.stop_sample_kl is not None:
+        cmd += ["--stop-sample-kl", str(args.stop_sample_kl)]
     if os.path.isfile(os.path.join(folder, "checkpoint.pt")):
         cmd = [sys.executable, "-m", "tdpo_ext.training.train", "--resume", folder]
     else:
@@ -120,7 +121,8 @@ def report(out, methods, betas, seeds, args, docs, runtime_s, command):
                    for p in points], f, indent=0)
     some = next(iter(trajectories.values()))
     draws = S.draw(len(seeds), some.reward.shape[2], some.kl_chosen.shape[2], args.draws)
-    budgets = [b for b in BUDGETS if args.stop_kl is None or b < args.stop_kl]
+    limit = args.stop_sample_kl
+    budgets = [b for b in BUDGETS if limit is None or b < limit]
     grid = S.grid_to(budgets[-1])
     with warnings.catch_warnings():  # all-NaN slices (budgets a path never reaches)
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
     f.add_argument("--seeds", default="0,1,2,3")
     f.add_argument("--methods", default=",".join(METHODS))
     f.add_argument("--steps", type=int, default=2000, help="steps of a run at most")
-    f.add_argument("--stop-kl", type=float, default=6.0,
+    f.add_argument("--stop-sample-kl", type=float, default=6.0,
                    help="a run ends after an evaluation whose sample KL exceeds this (nats)")
     f.add_argument("--eval-every", type=int, default=20)
     f.add_argument("--eval-prompts", type=int, default=256)
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
     f.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.eval_every, args.eval_prompts, args.stop_kl = 2, 1, 8, None
+        args.steps, args.eval_every, args.eval_prompts, args.stop_sample_kl = 2, 1, 8, None
     betas = [float(b) for b in args.betas.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = [m.strip() for m in args.methods.split(",")]

@@ -114,9 +114,9 @@ def markdown(stats, runs, grid, budgets, betas, seeds, args, runtime_s, command,
         f"{args.eval_prompts} held-out prompts (the task reward of one policy sample per "
         "prompt, and the sequential KL sum_t KL(pi_ref || pi_theta) on that sample) and on "
         "the eval pairs (the sequential KL of their chosen and rejected responses), and "
-        + (f"one stopping rule: a run ends after the first evaluation whose sample KL "
-           f"exceeds {args.stop_kl} nats, or at step {args.steps}." if args.stop_kl is not None
-           else f"{args.steps} steps each."), "",
+        + (f"{args.steps} steps each." if args.stop_sample_kl is None else
+           "one stopping rule: a run ends after the first evaluation whose sample KL "
+           f"exceeds {args.stop_sample_kl} nats, or at step {args.steps}."), "",
         "## How the comparison is made", "",
         "- **The same range for every method, by one rule.** The budgets reach "
         f"{budgets[-1]} nats. A method's KL grows at its own pace (TDPO2's KL term holds "
