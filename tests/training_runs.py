@@ -11,6 +11,7 @@ import torch
 from ports import free_port
 
 from tdpo_ext.training import models as M
+from tdpo_ext.training.files import read_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The embedded pipeline (SFT, pairs, TDPO2) at a size that runs in seconds.
@@ -68,8 +69,7 @@ def pairs(tmp_path):
 
 def read_metrics(folder, name="metrics.jsonl"):
     """A run's metrics rows (or, name="eval_examples.jsonl", its per-example eval rows)."""
-    with open(os.path.join(folder, name)) as f:
-        return [json.loads(line) for line in f]
+    return read_rows(os.path.join(folder, name))
 
 
 def without_time(rows):

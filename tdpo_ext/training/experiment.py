@@ -20,11 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
+
+from .files import read_rows
 
 METHODS = {"DPO": ("dpo", 0.5), "TDPO1": ("tdpo1", 0.5), "TDPO2 a=0.1": ("tdpo2", 0.1),
            "TDPO2 a=0.5": ("tdpo2", 0.5), "TDPO2 a=1.0": ("tdpo2", 1.0)}
@@ -69,7 +72,6 @@ def run_one(base, out, method, beta, seed, args):
     if os.path.isfile(os.path.join(folder, "checkpoint.pt")):
         cmd = [sys.executable, "-m", "tdpo_ext.training.train", "--resume", folder]
     else:
-        import shutil
         shutil.rmtree(folder, ignore_errors=True)
         cmd += ["--out", folder]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -82,16 +84,11 @@ def run_one(base, out, method, beta, seed, args):
     return time.time() - t0
 
 
-def read_rows(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
 def collect(out, methods, betas, seeds):
-    """Per (method, beta): a Trajectory over seeds, and each seed's last step; and the
-    seed-level points (one per run and evaluation) for frontier_points.json."""
+    """Per (method, beta): a Trajectory over seeds; and the seed-level points (one per run
+    and evaluation) for frontier_points.json."""
     from . import frontier_stats as S
-    trajectories, last_steps, points = {}, {}, []
+    trajectories, points = {}, []
     for m in methods:
         for b in betas:
             per_seed = []
@@ -108,14 +105,13 @@ def collect(out, methods, betas, seeds):
                                        "kl_rejected": r["kl_eval/rejected"],
                                        "accuracy": r["rewards_eval/accuracies"]})
             trajectories[m, b] = S.trajectory(per_seed)
-            last_steps[m, b] = [rows[-1]["step"] for rows in per_seed]
-    return trajectories, last_steps, points
+    return trajectories, points
 
 
 def report(out, methods, betas, seeds, args, docs, runtime_s, command):
     from . import frontier_report as F
     from . import frontier_stats as S
-    trajectories, last_steps, points = collect(out, methods, betas, seeds)
+    trajectories, points = collect(out, methods, betas, seeds)
     with open(os.path.join(docs, "frontier_points.json"), "w") as f:
         json.dump([{k: round(v, 5) if isinstance(v, float) else v for k, v in p.items()}
                    for p in points], f, indent=0)
@@ -128,8 +124,7 @@ def report(out, methods, betas, seeds, args, docs, runtime_s, command):
         warnings.simplefilter("ignore", RuntimeWarning)
         stats = {m: S.method_stats({b: trajectories[m, b] for b in betas}, draws, grid)
                  for m in methods}
-    F.write(stats, last_steps, grid, budgets, betas, seeds, args, docs, runtime_s, command,
-            args.draws)
+    F.write(stats, grid, budgets, betas, seeds, args, docs, runtime_s, command)
 
 
 def main(argv=None) -> int:

@@ -55,3 +55,9 @@ class MetricsLog:
         if self.rank == 0:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+def read_rows(path: str) -> list[dict]:
+    """The rows of a JSONL log that MetricsLog wrote (metrics.jsonl, eval_examples.jsonl)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

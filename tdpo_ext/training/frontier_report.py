@@ -96,8 +96,8 @@ def plot_gap(stats, grid, betas, docs):
     plt.close(fig)
 
 
-def markdown(stats, runs, grid, budgets, betas, seeds, args, runtime_s, command, n_draws):
-    """The report's lines (runs: (method, beta) -> each seed's last step)."""
+def markdown(stats, grid, budgets, betas, seeds, args, runtime_s, command):
+    """The report's lines."""
     methods = list(stats)
     base = methods[0]
     lines = [
@@ -135,7 +135,7 @@ def markdown(stats, runs, grid, budgets, betas, seeds, args, runtime_s, command,
         "the other** (both ways, averaged). The best of many noisy readings is biased "
         "upwards, the more so the more readings there are: scored on its own data, it "
         "would favour the slowest methods, which have the most evaluations.",
-        f"- **Intervals.** {S.LEVEL:.0%} percentile bootstrap intervals from {n_draws} "
+        f"- **Intervals.** {S.LEVEL:.0%} percentile bootstrap intervals from {args.draws} "
         "replicates; each resamples the seeds and, within each drawn seed, the eval "
         "prompts (or pairs), and recomputes everything from the per-example values. The "
         "same draws serve every method, so differences are paired by seed and example.",
@@ -149,7 +149,7 @@ def markdown(stats, runs, grid, budgets, betas, seeds, args, runtime_s, command,
         for beta in betas:
             steps, reward, kl = stats[m].paths[beta]
             i = int(np.nanargmax(kl))
-            last = runs[m, beta]
+            last = stats[m].last_steps[beta]
             lines.append(f"| {m} | {beta} | {min(last)}-{max(last)} | {fmt(kl[i], 2)} "
                          f"(step {steps[i]}) | {fmt(reward[i])} |")
     start = stats[base].paths[betas[0]][1][0]
@@ -243,12 +243,10 @@ def markdown(stats, runs, grid, budgets, betas, seeds, args, runtime_s, command,
     return lines
 
 
-def write(stats, runs, grid, budgets, betas, seeds, args, docs, runtime_s, command,
-          n_draws):
+def write(stats, grid, budgets, betas, seeds, args, docs, runtime_s, command):
     plot_frontier(stats, grid, docs)
     plot_gap(stats, grid, betas, docs)
-    lines = markdown(stats, runs, grid, budgets, betas, seeds, args, runtime_s, command,
-                     n_draws)
+    lines = markdown(stats, grid, budgets, betas, seeds, args, runtime_s, command)
     path, notes = os.path.join(docs, "frontier.md"), ""
     if os.path.isfile(path):  # hand-written notes after the marker survive a re-report
         with open(path) as f:

@@ -35,6 +35,11 @@ class Trajectory:
     kl_chosen: np.ndarray    # per eval pair
     kl_rejected: np.ndarray  # per eval pair
 
+    def last_steps(self) -> list[int]:
+        """Each seed's last evaluated step (where its run ended)."""
+        return [int(self.steps[~np.isnan(self.reward[:, j, 0])][-1])
+                for j in range(self.reward.shape[1])]
+
 
 def trajectory(runs: list[list[dict]]) -> Trajectory:
     """From each seed's eval_examples.jsonl rows (one list per seed, same eval sets)."""
@@ -151,13 +156,12 @@ class MethodStats:
     paths: dict               # beta -> (steps, seed-mean reward, seed-mean KL) of the data
     gap: dict                 # beta -> (steps, (R, T) rejected-minus-chosen eval KL)
     gap_at_kl: dict           # beta -> (R, G) that gap where the path first has each KL
-    kl_chosen: dict           # beta -> (T,) seed-mean eval KL of chosen responses
-    kl_rejected: dict
+    last_steps: dict          # beta -> each seed's last evaluated step
 
 
 def method_stats(by_beta: dict, d: Draws, grid: np.ndarray) -> MethodStats:
     """Everything the report needs of one method, from its Trajectory per beta."""
-    paths, gap, gap_at_kl, chosen, rejected, reach = {}, {}, {}, {}, {}, 0.0
+    paths, gap, gap_at_kl, last_steps, reach = {}, {}, {}, {}, 0.0
     even = np.arange(d.prompts.shape[2]) % 2 == 0
     halves = {True: [], False: []}  # per half of the eval prompts: readings, per beta
     for beta, tr in by_beta.items():
@@ -171,12 +175,12 @@ def method_stats(by_beta: dict, d: Draws, grid: np.ndarray) -> MethodStats:
         reach = max(reach, float(np.nanmax(kl[0])))
         c = seed_means(tr.kl_chosen, d.pairs, d.seeds)
         r = seed_means(tr.kl_rejected, d.pairs, d.seeds)
-        gap[beta], chosen[beta], rejected[beta] = (tr.steps, r - c), c[0], r[0]
+        gap[beta], last_steps[beta] = (tr.steps, r - c), tr.last_steps()
         gap_at_kl[beta] = at_kl(r - c, kl, grid, first=True)
     a, b = halves[True], halves[False]
     best = np.nanmean(np.stack([best_within_crossfit(a, b), best_within_crossfit(b, a)]),
                       axis=0)
-    return MethodStats(best, reach, paths, gap, gap_at_kl, chosen, rejected)
+    return MethodStats(best, reach, paths, gap, gap_at_kl, last_steps)
 
 
 def grid_to(top: float) -> np.ndarray:

@@ -1,13 +1,9 @@
 """PNG plots of a run's metrics.jsonl (matplotlib, Agg backend)."""
 from __future__ import annotations
 
-import json
 import os
 
-
-def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+from .files import read_rows
 
 
 def _series(rows, key):
@@ -35,7 +31,7 @@ def plot_run(folder: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(os.path.join(folder, "metrics.jsonl"))
+    rows = read_rows(os.path.join(folder, "metrics.jsonl"))
     written = []
     specs = {
         "loss.png": [("Loss", "loss", [("loss/train", "-"), ("loss/eval", "o-")])],
