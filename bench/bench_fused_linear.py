@@ -44,8 +44,8 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from peak_memory import PeakMemory, release_freed_memory  # noqa: E402
-from tdpo_ext import built_with_cuda, fused_linear_tdpo_loss, tdpo_loss  # noqa: E402
+from peak_memory import PeakMemory, release_freed_memory, require_device  # noqa: E402
+from tdpo_ext import fused_linear_tdpo_loss, tdpo_loss  # noqa: E402
 from tdpo_ext.fused_linear import auto_chunk_size  # noqa: E402
 from tdpo_ext.lm_head import lm_head_of  # noqa: E402
 from tdpo_ext.reference import reference_tdpo_loss  # noqa: E402
@@ -414,9 +414,8 @@ def main():
     p.add_argument("--dims", type=int, nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--prompt-frac", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    require_device(args.device)
     cuda = args.device.startswith("cuda")
-    if cuda and not (torch.cuda.is_available() and built_with_cuda()):
-        sys.exit("--device cuda needs a GPU and tdpo_ext built with CUDA")
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     if args.child:
         print(json.dumps(step_child(args) if args.train_step else op_child(args)))

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the in-place build of tdpo_ext
 import tdpo_ext  # noqa: E402
-from peak_memory import PeakMemory  # noqa: E402  (bench/, this script's folder)
+from peak_memory import PeakMemory, require_device  # noqa: E402  (bench/, this script's folder)
 from tdpo_ext.ops import pairwise_output  # noqa: E402
 from tdpo_ext.reference import reference_tdpo_loss  # noqa: E402
 
@@ -490,8 +490,7 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by the workers' torch
-    if args.device == "cuda" and not (torch.cuda.is_available() and tdpo_ext.built_with_cuda()):
-        sys.exit("--device cuda needs a GPU and tdpo_ext built with CUDA")
+    require_device(args.device)
     reps = args.reps or (3 if args.quick else DEFAULT_REPS[args.device])
     input_sets = args.input_sets or (3 if args.device == "cuda" else 1)
 

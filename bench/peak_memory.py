@@ -1,12 +1,24 @@
 """Peak memory of a region of code, for the benchmarks that run in one process per
 method: CUDA allocated memory, or on CPU the resident set (VmHWM, reset to VmRSS by
-writing 5 to /proc/self/clear_refs after returning freed memory to the OS)."""
+writing 5 to /proc/self/clear_refs after returning freed memory to the OS). Also the
+benchmarks' one check that a CUDA device can be measured."""
 from __future__ import annotations
 
 import ctypes
 import gc
+import sys
 
 import torch
+
+import tdpo_ext
+
+
+def require_device(device: str) -> None:
+    """Exits with the reason when `device` is a CUDA device and there is no GPU or no
+    CUDA build of tdpo_ext to benchmark on it."""
+    if torch.device(device).type == "cuda" and not (
+            torch.cuda.is_available() and tdpo_ext.built_with_cuda()):
+        sys.exit("--device cuda needs a GPU and tdpo_ext built with CUDA")
 
 
 def status_bytes(field: str) -> int:
