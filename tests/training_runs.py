@@ -1,5 +1,6 @@
 """Helpers of the training tests: tdpo-train in a subprocess, a small preference data
 file, and a run's outputs."""
+import hashlib
 import json
 import os
 import signal
@@ -96,6 +97,29 @@ def assert_same_params(a, b):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def folder_digest(folder):
+    """Every file under `folder` (hidden ones too) by relative path, with its content's
+    SHA-256: equal digests, nothing in the folder written, added or deleted."""
+    digest = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                digest[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return digest
+
+
+class RunsCode:
+    """Pickled, it is a call of exec that creates the file `marker` when unpickled: what a
+    malicious checkpoint could do instead."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
 
 
 def save_tiny_llama(folder, tied=False):

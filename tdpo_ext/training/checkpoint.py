@@ -13,6 +13,7 @@ import shutil
 
 import torch
 
+from . import safe_load
 from .files import atomic_write
 from .processes import Processes, barrier, gather, log, rng_state, set_rng_state
 
@@ -31,11 +32,11 @@ def save(path: str, state: dict, procs: Processes) -> None:
 
 
 def load(path: str, procs: Processes) -> dict | None:
-    """The state saved at `path` (None if there is none), this process's RNG restored."""
+    """The state saved at `path` (None if there is none), this process's RNG restored;
+    a file holding more than plain data is refused (safe_load)."""
     if not os.path.isfile(path):
         return None
-    return _restore_rng(torch.load(path, map_location="cpu", weights_only=False), path,
-                        procs)
+    return _restore_rng(safe_load.torch_file(path), path, procs)
 
 
 def _restore_rng(state: dict, path: str, procs: Processes) -> dict:
@@ -77,21 +78,28 @@ def save_sharded(folder: str, model, optimizer, state: dict, procs: Processes) -
 def load_sharded(folder: str, model, optimizer, procs: Processes) -> dict | None:
     """Loads the model's and optimizer's shards saved by save_sharded into them and returns
     the rest of the state (None if there is no checkpoint), this process's RNG restored.
-    (torch.distributed.checkpoint can load onto another number of processes; tested here
-    with the same number only.)"""
+    Every file is read as plain data, the training state and the shards' metadata checked
+    before any shard is loaded (safe_load). (torch.distributed.checkpoint can load onto
+    another number of processes; tested here with the same number only.)"""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     path = next((p for p in (folder, folder + ".old") if os.path.isdir(p)), None)
     if path is None:
         return None
-    state = torch.load(os.path.join(path, TRAINING_STATE), map_location="cpu",
-                       weights_only=False)
+    state = safe_load.torch_file(os.path.join(path, TRAINING_STATE))
+    safe_load.check_dcp_metadata(path)
     model_state, optim_state = get_state_dict(model, optimizer)
     shards = {"model": model_state, "optimizer": optim_state}
     # dcp.load fills the tensors of these state dicts in place (the optimizer's are its
     # own moment tensors); set_state_dict applies the rest (learning rates of the groups).
-    dcp.load(shards, checkpoint_id=path)
+    try:
+        dcp.load(shards, checkpoint_id=path, planner=safe_load.weights_only_load_planner(path))
+    except dcp.api.CheckpointException as e:
+        refused = safe_load.refusal_in(e)
+        if refused is None:
+            raise
+        raise refused from None
     set_state_dict(model, optimizer, model_state_dict=shards["model"],
                    optim_state_dict=shards["optimizer"])
     return _restore_rng(state, path, procs)

@@ -1,0 +1,105 @@
+"""A checkpoint is loaded without running code from it: a planted checkpoint whose
+unpickling would create a file is refused, with a message naming the file, the file is not
+created, and nothing in the run folder changes; in the unsharded form (checkpoint.pt,
+through tdpo-train --resume) and in every file of the sharded form (its training_state.pt,
+torch.distributed.checkpoint's .metadata and the non-tensor entries of its shards; here
+written by one process, and under torchrun in tests/test_fsdp.py)."""
+import os
+import pickle
+
+import pytest
+import torch
+from training_runs import RunsCode, folder_digest, pairs
+
+from tdpo_ext.training import checkpoint, train
+from tdpo_ext.training import models as M
+from tdpo_ext.training.processes import ONE_CPU_PROCESS
+
+assert pairs  # a fixture
+
+
+def assert_refused_without_running_code(resume, path, folder, marker):
+    before = folder_digest(folder)
+    with pytest.raises(SystemExit) as refused:
+        resume()
+    message = str(refused.value)
+    assert f"refused to load {path}" in message and "Nothing in the run folder" in message
+    assert not os.path.exists(marker)
+    assert folder_digest(folder) == before
+
+
+def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path, pairs):
+    out, marker = tmp_path / "run", tmp_path / "code_ran"
+    args = ["--data", pairs, "--steps", "2", "--batch-size", "4", "--eval-every", "10",
+            "--no-plots"]
+    assert train.main([*args, "--out", str(out)]) == 0
+    path = out / checkpoint.FILE
+    state = torch.load(path, weights_only=True)  # what tdpo-train writes loads this way
+    for planted in ("torch.save", "pickle"):
+        with open(path, "wb") as f:
+            if planted == "torch.save":  # the real checkpoint, its RNG state replaced
+                torch.save(state | {"rng": [RunsCode(marker)]}, f)
+            else:
+                pickle.dump(RunsCode(marker), f)
+        assert_refused_without_running_code(lambda: train.main(["--resume", str(out)]),
+                                            path, out, marker)
+
+
+def tiny_model_and_optimizer(seed):
+    model, _ = M.load_model("tiny", seed=seed)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def plant(kind, folder, marker):
+    """Makes the sharded checkpoint in `folder` run code when loaded, in one of its files;
+    returns that file's path (the folder, for an entry of the shards)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    if kind == "training_state":
+        path = os.path.join(folder, checkpoint.TRAINING_STATE)
+        state = torch.load(path, weights_only=True)
+        torch.save(state | {"rng": [RunsCode(marker)]}, path)
+        return path
+    if kind == "shard_entry":  # the optimizer's learning rate, a pickled entry
+        model, opt = tiny_model_and_optimizer(0)
+        model_state, optim_state = get_state_dict(model, opt)
+        optim_state["param_groups"][0]["lr"] = RunsCode(marker)
+        dcp_save({"model": model_state, "optimizer": optim_state},
+                 storage_writer=FileSystemWriter(folder, overwrite=True))
+        return folder
+    path = os.path.join(folder, ".metadata")
+    with open(path, "rb") as f:
+        metadata = pickle.load(f)
+    if kind == "metadata":  # torch's own metadata, with code beside it
+        metadata.planner_data = RunsCode(marker)
+    else:  # "metadata_outside": a shard read from outside the folder
+        info = next(iter(metadata.storage_data.values()))
+        info.relative_path = os.path.join("..", info.relative_path)
+    with open(path, "wb") as f:
+        pickle.dump(metadata, f)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["training_state", "metadata", "shard_entry",
+                                  "metadata_outside"])
+def test_a_sharded_checkpoint_that_would_run_code_is_refused(tmp_path, kind):
+    folder, marker = str(tmp_path / checkpoint.FOLDER), tmp_path / "code_ran"
+    model, opt = tiny_model_and_optimizer(0)
+    checkpoint.save_sharded(folder, model, opt, {"step": 2}, ONE_CPU_PROCESS)
+    path = plant(kind, folder, marker)
+    model, opt = tiny_model_and_optimizer(1)
+    assert_refused_without_running_code(
+        lambda: checkpoint.load_sharded(folder, model, opt, ONE_CPU_PROCESS), path,
+        tmp_path, marker)
+
+
+def test_a_sharded_checkpoint_loads_in_one_process(tmp_path):
+    """What the refusals above are measured against: the unplanted checkpoint loads."""
+    folder = str(tmp_path / checkpoint.FOLDER)
+    saved, opt = tiny_model_and_optimizer(0)
+    checkpoint.save_sharded(folder, saved, opt, {"step": 2}, ONE_CPU_PROCESS)
+    model, opt = tiny_model_and_optimizer(1)
+    assert checkpoint.load_sharded(folder, model, opt, ONE_CPU_PROCESS)["step"] == 2
+    for a, b in zip(saved.parameters(), model.parameters()):
+        assert torch.equal(a, b)
