@@ -9,10 +9,10 @@ import pickle
 
 import pytest
 import torch
-from training_runs import RunsCode, folder_digest, pairs
+from training_runs import (RunsCode, folder_digest, pairs, plant_in_sharded_checkpoint,
+                           tiny_model_and_optimizer)
 
 from tdpo_ext.training import checkpoint, train
-from tdpo_ext.training import models as M
 from tdpo_ext.training.processes import ONE_CPU_PROCESS
 
 assert pairs  # a fixture
@@ -20,11 +20,13 @@ assert pairs  # a fixture
 
 def assert_refused_without_running_code(resume, path, folder, marker):
     before = folder_digest(folder)
-    with pytest.raises(SystemExit) as refused:
-        resume()
+    try:
+        with pytest.raises(SystemExit) as refused:
+            resume()
+    finally:
+        assert not os.path.exists(marker), "the checkpoint's code ran"
     message = str(refused.value)
     assert f"refused to load {path}" in message and "Nothing in the run folder" in message
-    assert not os.path.exists(marker)
     assert folder_digest(folder) == before
 
 
@@ -45,49 +47,13 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path, pairs):
                                             path, out, marker)
 
 
-def tiny_model_and_optimizer(seed):
-    model, _ = M.load_model("tiny", seed=seed)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-
-def plant(kind, folder, marker):
-    """Makes the sharded checkpoint in `folder` run code when loaded, in one of its files;
-    returns that file's path (the folder, for an entry of the shards)."""
-    from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint import save as dcp_save
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    if kind == "training_state":
-        path = os.path.join(folder, checkpoint.TRAINING_STATE)
-        state = torch.load(path, weights_only=True)
-        torch.save(state | {"rng": [RunsCode(marker)]}, path)
-        return path
-    if kind == "shard_entry":  # the optimizer's learning rate, a pickled entry
-        model, opt = tiny_model_and_optimizer(0)
-        model_state, optim_state = get_state_dict(model, opt)
-        optim_state["param_groups"][0]["lr"] = RunsCode(marker)
-        dcp_save({"model": model_state, "optimizer": optim_state},
-                 storage_writer=FileSystemWriter(folder, overwrite=True))
-        return folder
-    path = os.path.join(folder, ".metadata")
-    with open(path, "rb") as f:
-        metadata = pickle.load(f)
-    if kind == "metadata":  # torch's own metadata, with code beside it
-        metadata.planner_data = RunsCode(marker)
-    else:  # "metadata_outside": a shard read from outside the folder
-        info = next(iter(metadata.storage_data.values()))
-        info.relative_path = os.path.join("..", info.relative_path)
-    with open(path, "wb") as f:
-        pickle.dump(metadata, f)
-    return path
-
-
 @pytest.mark.parametrize("kind", ["training_state", "metadata", "shard_entry",
                                   "metadata_outside"])
 def test_a_sharded_checkpoint_that_would_run_code_is_refused(tmp_path, kind):
     folder, marker = str(tmp_path / checkpoint.FOLDER), tmp_path / "code_ran"
     model, opt = tiny_model_and_optimizer(0)
     checkpoint.save_sharded(folder, model, opt, {"step": 2}, ONE_CPU_PROCESS)
-    path = plant(kind, folder, marker)
+    path = plant_in_sharded_checkpoint(kind, folder, marker)
     model, opt = tiny_model_and_optimizer(1)
     assert_refused_without_running_code(
         lambda: checkpoint.load_sharded(folder, model, opt, ONE_CPU_PROCESS), path,

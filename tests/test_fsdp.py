@@ -1,14 +1,15 @@
 """tdpo-train --parallel fsdp: FSDP2 (torch's fully_shard) over two CPU processes (gloo on
 127.0.0.1), against one unsharded process on the same global batches; a sharded run
-killed and resumed from its sharded checkpoint against an uninterrupted one; the fused LM
-head of a transformers model under FSDP2; and the refusal of fsdp in one process."""
+killed and resumed from its sharded checkpoint against an uninterrupted one, and one
+planted with code refused; the fused LM head of a transformers model under FSDP2; and the
+refusal of fsdp in one process."""
 import os
 
 import pytest
 import torch
-from training_runs import (ROOT, assert_same_metrics, final_params, pairs, read_metrics,
-                           save_tiny_llama, tdpo_train, torchrun_2, transformers_state,
-                           without_time)
+from training_runs import (ROOT, assert_same_metrics, final_params, folder_digest, pairs,
+                           plant_in_sharded_checkpoint, read_metrics, save_tiny_llama,
+                           tdpo_train, torchrun_2, transformers_state, without_time)
 
 from tdpo_ext.training import models as M
 from tdpo_ext.training import train
@@ -78,6 +79,19 @@ def test_fsdp_killed_and_resumed_ends_as_an_uninterrupted_run(tmp_path, pairs, f
     a, b = final_params(fsdp_run), final_params(killed)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_fsdp_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, fsdp_run):
+    """torch.distributed.checkpoint reads its .metadata with plain pickle: planted there,
+    code is refused by both processes before it runs (more planted files, in one process:
+    tests/test_checkpoint_safety.py), and the run folder is left as it was."""
+    marker = tmp_path / "code_ran"
+    path = plant_in_sharded_checkpoint("metadata", str(fsdp_run / "checkpoint"), marker)
+    before = folder_digest(fsdp_run)
+    p = torchrun_2("-m", "tdpo_ext.training.train", "--resume", fsdp_run, check=False)
+    assert not marker.exists(), "the checkpoint's code ran"
+    assert p.returncode != 0 and f"refused to load {path}" in p.stderr, p.stdout + p.stderr
+    assert folder_digest(fsdp_run) == before
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])

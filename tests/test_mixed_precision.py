@@ -19,8 +19,8 @@ def masters(out):
     if os.path.isdir(sharded):
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
         dcp_to_torch_save(sharded, os.path.join(out, "gathered.pt"))
-        return torch.load(os.path.join(out, "gathered.pt"), weights_only=False)["model"]
-    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["model"]
+        return torch.load(os.path.join(out, "gathered.pt"), weights_only=True)["model"]
+    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["model"]
 
 
 @pytest.mark.parametrize("parallel", ["one_process", "fsdp"])

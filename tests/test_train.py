@@ -110,7 +110,7 @@ def test_nan_gradient_stops_with_message_and_keeps_last_good_checkpoint(tmp_path
     assert rc == 1
     assert "non-finite gradient at step 3" in err and "last good checkpoint" in err
     assert "(step 2)" in err
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
     assert not (out / "final").exists()
     assert [r["step"] for r in read_metrics(out)] == [0, 1, 2]
 
@@ -205,8 +205,9 @@ def test_fused_linear_under_ddp_equals_one_process(tmp_path, pairs, tied):
     saver = os.path.join(ROOT, "tests", "train_saving_params.py")
     run_python(saver, tmp_path / "single", *common, "--out", tmp_path / "single_run")
     torchrun_2(saver, tmp_path / "ddp", *common, "--out", tmp_path / "ddp_run")
-    one = torch.load(tmp_path / "single" / "tdpo2.rank0.pt")
-    rank0, rank1 = (torch.load(tmp_path / "ddp" / f"tdpo2.rank{r}.pt") for r in (0, 1))
+    one = torch.load(tmp_path / "single" / "tdpo2.rank0.pt", weights_only=True)
+    rank0, rank1 = (torch.load(tmp_path / "ddp" / f"tdpo2.rank{r}.pt", weights_only=True)
+                    for r in (0, 1))
     start = transformers_state(folder)
     assert not torch.equal(one["lm_head.weight"], start["lm_head.weight"])  # it has moved
     for name in one:

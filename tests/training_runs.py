@@ -1,8 +1,9 @@
 """Helpers of the training tests: tdpo-train in a subprocess, a small preference data
-file, and a run's outputs."""
+file, a run's outputs, and checkpoints planted with code to run."""
 import hashlib
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 from ports import free_port
 
+from tdpo_ext.training import checkpoint
 from tdpo_ext.training import models as M
 from tdpo_ext.training.files import read_rows
 
@@ -120,6 +122,42 @@ class RunsCode:
 
     def __reduce__(self):
         return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def tiny_model_and_optimizer(seed):
+    model, _ = M.load_model("tiny", seed=seed)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def plant_in_sharded_checkpoint(kind, folder, marker):
+    """Makes the sharded checkpoint in `folder` run code when loaded, in one of its files;
+    returns that file's path (the folder, for an entry of the shards)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    if kind == "training_state":
+        path = os.path.join(folder, checkpoint.TRAINING_STATE)
+        state = torch.load(path, weights_only=True)
+        torch.save(state | {"rng": [RunsCode(marker)]}, path)
+        return path
+    if kind == "shard_entry":  # the optimizer's learning rate, a pickled entry
+        model, opt = tiny_model_and_optimizer(0)
+        model_state, optim_state = get_state_dict(model, opt)
+        optim_state["param_groups"][0]["lr"] = RunsCode(marker)
+        dcp_save({"model": model_state, "optimizer": optim_state},
+                 storage_writer=FileSystemWriter(folder, overwrite=True))
+        return folder
+    path = os.path.join(folder, ".metadata")
+    with open(path, "rb") as f:
+        metadata = pickle.load(f)
+    if kind == "metadata":  # torch's own metadata, with code beside it
+        metadata.planner_data = RunsCode(marker)
+    else:  # "metadata_outside": a shard read from outside the folder
+        info = next(iter(metadata.storage_data.values()))
+        info.relative_path = os.path.join("..", info.relative_path)
+    with open(path, "wb") as f:
+        pickle.dump(metadata, f)
+    return path
 
 
 def save_tiny_llama(folder, tied=False):
