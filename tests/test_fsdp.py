@@ -110,9 +110,17 @@ def test_fused_linear_under_fsdp_equals_one_process(tmp_path, pairs, tied):
     start, one = transformers_state(folder), transformers_state(tmp_path / "single" / "final")
     sharded, _ = M.load_model(str(tmp_path / "fsdp" / "final"))
     assert (sharded.lm_head.weight is sharded.model.embed_tokens.weight) == tied
+    # written as save_pretrained writes it, a tied head once
+    assert saved_tensor_names(tmp_path / "fsdp") == saved_tensor_names(tmp_path / "single")
     assert not torch.equal(one["lm_head.weight"], start["lm_head.weight"])  # it has moved
     assert_close_params(one, sharded.state_dict())
     assert_same_metrics(tmp_path / "single", tmp_path / "fsdp")
+
+
+def saved_tensor_names(run):
+    from safetensors import safe_open
+    with safe_open(str(run / "final" / "model.safetensors"), "pt") as f:
+        return sorted(f.keys())
 
 
 def test_fsdp_evaluation_and_sampling_take_every_process(tmp_path, pairs):

@@ -164,6 +164,20 @@ def test_transformers_model_from_a_folder(tmp_path, pairs, capsys):
     assert isinstance(model, transformers.LlamaForCausalLM)
 
 
+def test_a_tied_head_is_written_once_in_any_dtype(tmp_path):
+    """final/ of a model whose head is tied to its embeddings holds the tensor once, as
+    save_pretrained writes it, also when cast to --dtype (which copies each name's tensor;
+    so does gathering FSDP shards: tests/test_fsdp.py)."""
+    from safetensors import safe_open
+    model, tok = M.load_model(save_tiny_llama(tmp_path / "hf_model", tied=True))
+    names = {}
+    for dtype in (None, torch.bfloat16):
+        M.save_model(model, tok, str(tmp_path / str(dtype)), dtype=dtype)
+        with safe_open(str(tmp_path / str(dtype) / "model.safetensors"), "pt") as f:
+            names[dtype] = set(f.keys())
+    assert "lm_head.weight" not in names[None] and names[torch.bfloat16] == names[None]
+
+
 def test_fused_linear_matches_materialized_logits(tmp_path, pairs, capsys, monkeypatch):
     """--fused-linear (hidden states + LM-head weight, no logits) trains a transformers
     model to the same losses and parameters as the materialized-logits path, finding each

@@ -275,6 +275,7 @@ def save_model(model, tokenizer, folder: str, dtype: torch.dtype | None = None,
     model = unwrap(model)
     state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
              for k, v in (model.state_dict() if state is None else state).items()}
+    share_tied(model, state)
     if isinstance(model, TinyGPT):
         with open(os.path.join(tmp, TINY_CONFIG_FILE), "w") as f:
             json.dump(asdict(model.config), f, indent=1)
@@ -284,6 +285,20 @@ def save_model(model, tokenizer, folder: str, dtype: torch.dtype | None = None,
     tokenizer.save(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+
+
+def share_tied(model, state: dict) -> None:
+    """Makes the names of one shared parameter (an LM head tied to the input embeddings)
+    hold one tensor in `state`, as in the model's own state_dict, so that save_pretrained
+    (and torch.save) writes it once: a state gathered from FSDP shards, or cast to a dtype,
+    holds a copy under each name."""
+    names_of = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    for first, *others in names_of.values():
+        for name in others:
+            if first in state and name in state:
+                state[name] = state[first]
 
 
 def unwrap(model):
