@@ -20,10 +20,20 @@ assert pairs  # a fixture
 
 
 @pytest.fixture(scope="module")
-def embedded_run(tmp_path_factory):
-    """The embedded pipeline run once, uninterrupted: (folder, its output)."""
+def tiny_with_dropout(tmp_path_factory):
+    """A tiny-model folder (--model DIR) whose training forwards draw dropout masks from
+    the random state, which a resumed run must then restore to end as an uninterrupted one."""
+    folder = str(tmp_path_factory.mktemp("tiny_dropout") / "model")
+    M.save_model(*M.load_model("tiny", seed=0, tiny_config={"dropout": 0.1}), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def embedded_run(tmp_path_factory, tiny_with_dropout):
+    """The embedded pipeline run once, uninterrupted, on the tiny model with dropout:
+    (folder, its output)."""
     out = tmp_path_factory.mktemp("embedded") / "run"
-    p = tdpo_train(*TINY_PIPELINE, "--out", out)
+    p = tdpo_train(*TINY_PIPELINE, "--model", tiny_with_dropout, "--out", out)
     return out, p.stdout + p.stderr
 
 
@@ -68,10 +78,12 @@ KILL_POINTS = ["step sft 2", "torch.save */sft/checkpoint.pt* 4",
                "torch.save */killed/checkpoint.pt* 2", "step tdpo2 3", "stage_done tdpo2 4"]
 
 
-def test_sigkill_at_every_stage_then_resume_ends_as_an_uninterrupted_run(embedded_run,
-                                                                         tmp_path):
+def test_sigkill_at_every_stage_then_resume_ends_as_an_uninterrupted_run(
+        embedded_run, tiny_with_dropout, tmp_path):
+    """With dropout: a stage resumed from its checkpoint must restore the random state, and
+    one started afresh after a resume must not depend on the stages skipped before it."""
     straight, killed, used = embedded_run[0], tmp_path / "killed", tmp_path / "used_points"
-    first = ["--out", killed, *TINY_PIPELINE]
+    first = ["--out", killed, *TINY_PIPELINE, "--model", tiny_with_dropout]
     for attempt in range(len(KILL_POINTS) + 1):
         args = first if attempt == 0 else ["--resume", killed]
         p = run_python(os.path.join(ROOT, "tests", "train_with_faults.py"), used,

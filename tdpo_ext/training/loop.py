@@ -16,7 +16,7 @@ from . import checkpoint, hooks, parallel
 from . import data as D
 from .files import MetricsLog
 from .losses import Meter, batch_loss, fused_heads
-from .processes import Processes, all_sum, gather, log
+from .processes import Processes, all_sum, gather, log, seed_all
 from .sampling import sample_eval
 
 
@@ -222,10 +222,14 @@ class Stage:
     def run(self) -> dict:
         cfg, steps = self.cfg, self.cfg.steps
         os.makedirs(self.dir, exist_ok=True)
-        if not self.resume() and self.eval_items:
-            self.last_eval = self.first_eval = self.evaluate()
-            self.metrics.append({"step": 0, "examples": 0} | self.last_eval)
-            self._log_eval(self.last_eval)
+        if not self.resume():
+            # A new stage's random state (its dropout masks) comes from the seed alone, not
+            # from the stages before it in this process, which a resumed run skips.
+            seed_all(cfg.seed)
+            if self.eval_items:
+                self.last_eval = self.first_eval = self.evaluate()
+                self.metrics.append({"step": 0, "examples": 0} | self.last_eval)
+                self._log_eval(self.last_eval)
         self.bar = progress_bar(self.name, steps, self.step) if self.procs.rank == 0 else None
         t0 = time.time()
         self.policy.train()
