@@ -4,12 +4,14 @@ killed and resumed from its sharded checkpoint against an uninterrupted one, and
 planted with code refused; the fused LM head of a transformers model under FSDP2; and the
 refusal of fsdp in one process."""
 import os
+import shutil
 
 import pytest
 import torch
 from training_runs import (ROOT, assert_same_metrics, final_params, folder_digest, pairs,
                            plant_in_sharded_checkpoint, read_metrics, save_tiny_llama,
-                           tdpo_train, torchrun_2, transformers_state, without_time)
+                           tdpo_train, torchrun_2, transformers_state, without_time,
+                           write_pairs)
 
 from tdpo_ext.training import models as M
 from tdpo_ext.training import train
@@ -35,11 +37,14 @@ def assert_close_params(a, b):
                                    msg=lambda m, n=k: f"{n}: {m}")
 
 
-@pytest.fixture
-def fsdp_run(tmp_path, pairs):
-    """An uninterrupted FSDP2 run of two processes: its folder."""
-    out = tmp_path / "fsdp"
-    torchrun_2("-m", "tdpo_ext.training.train", *fsdp_args(pairs, out), "--parallel", "fsdp")
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """An uninterrupted FSDP2 run of two processes, on `pairs`' data, which the tests
+    below compare with and do not change: its folder."""
+    folder = tmp_path_factory.mktemp("fsdp")
+    out = folder / "run"
+    torchrun_2("-m", "tdpo_ext.training.train",
+               *fsdp_args(write_pairs(folder / "pairs.jsonl"), out), "--parallel", "fsdp")
     return out
 
 
@@ -85,13 +90,14 @@ def test_fsdp_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, fsdp_run
     """torch.distributed.checkpoint reads its .metadata with plain pickle: planted there,
     code is refused by both processes before it runs (more planted files, in one process:
     tests/test_checkpoint_safety.py), and the run folder is left as it was."""
-    marker = tmp_path / "code_ran"
-    path = plant_in_sharded_checkpoint("metadata", str(fsdp_run / "checkpoint"), marker)
-    before = folder_digest(fsdp_run)
-    p = torchrun_2("-m", "tdpo_ext.training.train", "--resume", fsdp_run, check=False)
+    run, marker = tmp_path / "run", tmp_path / "code_ran"
+    shutil.copytree(fsdp_run, run)
+    path = plant_in_sharded_checkpoint("metadata", str(run / "checkpoint"), marker)
+    before = folder_digest(run)
+    p = torchrun_2("-m", "tdpo_ext.training.train", "--resume", run, check=False)
     assert not marker.exists(), "the checkpoint's code ran"
     assert p.returncode != 0 and f"refused to load {path}" in p.stderr, p.stdout + p.stderr
-    assert folder_digest(fsdp_run) == before
+    assert folder_digest(run) == before
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])

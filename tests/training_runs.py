@@ -62,12 +62,16 @@ def torchrun_2(*args, check=True, timeout=300):
                       check=check, timeout=timeout)
 
 
-@pytest.fixture
-def pairs(tmp_path):
-    path = tmp_path / "pairs.jsonl"
+def write_pairs(path):
+    """A small preference data file at `path` (a pathlib.Path): its path, as a string."""
     rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in REVIEWS * 2]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    return write_pairs(tmp_path / "pairs.jsonl")
 
 
 def read_metrics(folder, name="metrics.jsonl"):

@@ -5,7 +5,9 @@ resume when the number of processes is the same.
 
 Two forms: one file (FILE) for an unsharded model, which rank 0 holds whole; and, for a
 model sharded with FSDP2, a folder (FOLDER) that torch.distributed.checkpoint writes, each
-process its own shards, beside rank 0's file of the rest of the state (TRAINING_STATE)."""
+process its own shards, beside rank 0's file of the rest of the state (TRAINING_STATE).
+Both hold only plain data (tensors, numbers, strings, lists, tuples, dicts), and are read
+back as such: loading a checkpoint runs no code from it (safe_load)."""
 from __future__ import annotations
 
 import os

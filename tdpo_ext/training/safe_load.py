@@ -51,7 +51,7 @@ def _metadata_classes() -> dict:
     classes = [md.Metadata, md.TensorStorageMetadata, md.TensorProperties,
                md._MEM_FORMAT_ENCODING, md.ChunkStorageMetadata, md.BytesStorageMetadata,
                md.MetadataIndex, md.StorageMeta, fs._StorageInfo, torch.Size,
-               torch.serialization._get_layout, pathlib.PosixPath, pathlib.WindowsPath]
+               torch.serialization._get_layout, pathlib.PosixPath]
     allowed = {(c.__module__, c.__qualname__): c for c in classes}
     allowed |= {("torch", name): v for name, v in vars(torch).items()
                 if isinstance(v, torch.dtype)}
@@ -83,8 +83,11 @@ def check_dcp_metadata(folder: str) -> None:
     try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f, _metadata_classes()).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
-        raise refusal(path, str(e) or type(e).__name__) from None
+    except pickle.UnpicklingError as e:
+        raise refusal(path, str(e)) from None
+    except Exception as e:  # whatever a malformed file raises: it is not loaded either
+        raise refusal(path, f"it is not checkpoint metadata ({type(e).__name__}: {e})") \
+            from None
     if not isinstance(metadata, Metadata):
         raise refusal(path, f"it holds a {type(metadata).__name__}, not checkpoint metadata")
     for info in (metadata.storage_data or {}).values():
