@@ -13,6 +13,7 @@ import os
 import pathlib
 import pickle
 import re
+import zipfile
 
 import torch
 
@@ -36,6 +37,8 @@ def _what_torch_refused(error: pickle.UnpicklingError) -> str:
 
 def torch_file(path: str):
     """The object in a file torch.save wrote, loaded with weights_only=True."""
+    if not zipfile.is_zipfile(path):
+        raise refusal(path, "it is not a file that torch.save wrote (a bare pickle, say)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
