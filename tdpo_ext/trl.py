@@ -30,7 +30,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, use_adapter
 
 from .fused_linear import fused_linear_sequence_stats
-from .lm_head import add_fused_head, head_inputs, lm_head_of, verify_lm_head
+from .lm_head import LMHead, add_fused_head, head_inputs, lm_head_of, verify_lm_head
 from .ops import pairwise_output, sequence_stats
 
 __all__ = ["TDPOConfig", "TDPOTrainer", "LOSS_TYPES"]
@@ -116,6 +116,20 @@ def _refusal(args: TDPOConfig) -> str | None:
     return None
 
 
+def _fusable_head(model, role: str, verify: bool) -> LMHead:
+    """lm_head_of(model), checked on a few token ids when verify; a refusal names the
+    model's role and the way out."""
+    try:
+        head = lm_head_of(model)
+        if verify:
+            ids = torch.arange(min(8, head.weight.shape[0]), device=model.device)[None]
+            verify_lm_head(model, head, ids)
+    except ValueError as e:
+        raise ValueError(f"TDPOTrainer, {role} model: {e}. Set use_fused_linear=False to "
+                         "compute the loss from its logits") from e
+    return head
+
+
 class TDPOTrainer(DPOTrainer):
     """DPOTrainer with the TDPO loss (Zeng et al., ICML 2024), computed by tdpo_ext's
     ops. Arguments as DPOTrainer's, with a TDPOConfig.
@@ -163,21 +177,20 @@ class TDPOTrainer(DPOTrainer):
             raise ValueError("TDPOTrainer: use_fused_linear does not gather DeepSpeed ZeRO-3 "
                              "partitioned LM heads; set use_fused_linear=False")
         policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        models = [policy]
+        models = {"policy": policy}
         if self.ref_model is not None:
-            models.append(self.accelerator.unwrap_model(self.ref_model))
-        heads = [lm_head_of(model) for model in models]  # refuses what it cannot fuse
+            models["reference"] = self.accelerator.unwrap_model(self.ref_model)
+        # Verified numerically, unless sharded: what the config does not say (a hidden-state
+        # scaling, a patched forward, a hook) is refused.
+        verify = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        heads = [_fusable_head(model, role, verify) for role, model in models.items()]
         transforms = {(head.logit_scale, head.logit_softcap) for head in heads}
         if len(transforms) > 1:
             raise ValueError("TDPOTrainer: the policy and the reference transform their "
                              f"logits differently {sorted(transforms)}; set "
                              "use_fused_linear=False")
         (self._logit_scale, self._logit_softcap), = transforms
-        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
-            # What the config does not say (a hidden-state scaling, a patched forward).
-            ids = torch.arange(min(8, heads[0].weight.shape[0]), device=policy.device)[None]
-            verify_lm_head(policy, heads[0], ids)
-        for model, head in zip(models, heads):
+        for model, head in zip(models.values(), heads):
             add_fused_head(model, head.body)
 
     @contextlib.contextmanager

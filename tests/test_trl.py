@@ -18,6 +18,7 @@ peft = pytest.importorskip("peft")
 
 import tdpo_ext  # noqa: E402
 from tdpo_ext.trl import TDPOConfig, TDPOTrainer  # noqa: E402
+import transformers  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from trl import DPOTrainer  # noqa: E402
 
@@ -199,6 +200,38 @@ def test_resume_from_checkpoint_continues_the_same_losses(tmp_path):
 def test_bad_configuration_fails_at_construction(tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
         TDPOConfig(output_dir=str(tmp_path), use_cpu=True, **settings)
+
+
+class _HalvedLlama(transformers.LlamaForCausalLM):
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+
+def _hooked_reference(policy):
+    ref = copy.deepcopy(policy)
+    ref.lm_head.register_forward_hook(lambda module, args, output: output * 2)
+    return ref
+
+
+def _subclassed_reference(policy):
+    ref = _HalvedLlama(policy.config)
+    ref.load_state_dict(policy.state_dict())
+    return ref
+
+
+@pytest.mark.parametrize("make_reference", [_hooked_reference, _subclassed_reference])
+def test_reference_whose_logits_differ_from_its_head_is_refused(tmp_path, make_reference):
+    """A reference equal to the policy but for its logits (an LM-head hook, a subclass):
+    the fused head would read its hidden states and plain head, and see KL 0."""
+    policy, _ = models_pair()
+    ref = make_reference(policy)
+    with pytest.raises(ValueError, match=r"reference model: tdpo_ext: cannot fuse the LM head "
+                                         r"of \w*Llama\w*: .*use_fused_linear=False"):
+        train(tmp_path, policy=policy, ref=ref, max_steps=1)
+    trainer, _ = train(tmp_path, policy=policy, ref=ref, max_steps=1, use_fused_linear=False)
+    assert trainer.state.log_history[0]["kl/rejected"] > 1e-3
 
 
 def test_dpo_config_is_refused(tmp_path):
