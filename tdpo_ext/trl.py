@@ -32,6 +32,7 @@ from trl.trainer.utils import get_config_model_id, use_adapter
 from .fused_linear import fused_linear_sequence_stats
 from .lm_head import LMHead, add_fused_head, head_inputs, lm_head_of, verify_lm_head
 from .ops import pairwise_output, sequence_stats
+from .trl_datasets import check_preference_dataset
 
 __all__ = ["TDPOConfig", "TDPOTrainer", "LOSS_TYPES"]
 
@@ -156,7 +157,8 @@ class TDPOTrainer(DPOTrainer):
             }"""),
     }
 
-    def __init__(self, model, ref_model=None, args: TDPOConfig | None = None, *rest, **kwargs):
+    def __init__(self, model, ref_model=None, args: TDPOConfig | None = None,
+                 data_collator=None, train_dataset=None, eval_dataset=None, *rest, **kwargs):
         if args is None:
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = TDPOConfig(f"{name.split('/')[-1]}-TDPO")
@@ -164,7 +166,15 @@ class TDPOTrainer(DPOTrainer):
             raise TypeError(f"TDPOTrainer takes a TDPOConfig, got {type(args).__name__}: "
                             "TDPOConfig(**your_dpo_config.to_dict()) converts one, with "
                             "loss_type='tdpo2'")
-        super().__init__(model, ref_model, args, *rest, **kwargs)
+        # Before TRL's dataset preparation, whose errors on bad rows name neither row nor column.
+        train_dataset = check_preference_dataset(train_dataset, "train")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {key: check_preference_dataset(dataset, f"eval {key!r}")
+                            for key, dataset in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = check_preference_dataset(eval_dataset, "eval")
+        super().__init__(model, ref_model, args, data_collator, train_dataset, eval_dataset,
+                         *rest, **kwargs)
         self.variant = LOSS_TYPES[args.loss_type[0]]
         if self.aux_loss_enabled:
             raise ValueError("TDPOTrainer: the MoE load-balancing loss is not added to the "

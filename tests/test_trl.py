@@ -19,6 +19,7 @@ peft = pytest.importorskip("peft")
 import tdpo_ext  # noqa: E402
 from tdpo_ext.trl import TDPOConfig, TDPOTrainer  # noqa: E402
 import transformers  # noqa: E402
+from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from trl import DPOTrainer  # noqa: E402
 
@@ -240,6 +241,54 @@ def test_dpo_config_is_refused(tmp_path):
     with pytest.raises(TypeError, match="TDPOConfig"):
         TDPOTrainer(model=policy, ref_model=ref, args=DPOConfig(str(tmp_path), use_cpu=True),
                     train_dataset=make_dataset(), processing_class=make_tokenizer())
+
+
+def _with_row(dataset, row, **values):
+    rows = dataset.to_list()
+    rows[row].update(values)
+    return Dataset.from_list(rows)
+
+
+@pytest.mark.parametrize("split,make,message", [
+    ("train", lambda: make_dataset().select([]),
+     r"the train dataset is empty \(0 rows\); expected rows of preference pairs, in the "
+     r"standard format \('prompt', 'chosen' and 'rejected' strings\) or the conversational"),
+    ("train", lambda: _with_row(make_dataset(), 5, rejected=None),
+     r"train dataset, row 5, column 'rejected': found None; expected a string \(the "
+     r"standard format with an explicit prompt, as row 0's 'prompt' is: 'prompt', "
+     r"'chosen', 'rejected'\)"),
+    ("eval", lambda: make_dataset(implicit=True).remove_columns("rejected"),
+     r"the eval dataset has no 'rejected' column \(its columns: \['chosen'\]\); expected "
+     r"the standard format"),
+    ("train", lambda: make_dataset(3).map(lambda row, i: {"rejected": i}, with_indices=True),
+     r"train dataset, row 0, column 'rejected': found int 0; expected a string \(the "
+     r"standard format with an explicit prompt, as row 0's 'prompt' is"),
+    ("eval", lambda: Dataset.from_list([{**row, "rejected": [
+        {"role": "assistant", "content": None if i == 2 else "w1"}]}
+        for i, row in enumerate(make_dataset(4, conversational=True))]),
+     r"eval dataset, row 2, column 'rejected': found a list whose item 0 is not a message: "
+     r"\{'role': 'assistant', 'content': None\}; expected a non-empty list of messages.*"
+     r"\(the conversational format with an explicit prompt, as row 0's 'prompt' is"),
+    ("train", lambda: make_dataset().map(
+        lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]}),
+     r"train dataset, row 0, column 'chosen': found a string ' w\d+.*'; expected a non-empty "
+     r"list of messages, .* \(the conversational format with an explicit prompt, as row 0's "
+     r"'prompt' is: 'prompt', 'chosen', 'rejected'\)"),
+])
+def test_bad_dataset_is_refused_by_name_row_and_column(tmp_path, split, make, message):
+    datasets = {"train_dataset": make_dataset(), "eval_dataset": None}
+    datasets[f"{split}_dataset"] = make()
+    policy, ref = models_pair()
+    with pytest.raises(ValueError, match=message):
+        TDPOTrainer(model=policy, ref_model=ref, args=make_config(tmp_path),
+                    processing_class=make_tokenizer(), **datasets)
+
+
+def test_bad_row_of_a_streamed_dataset_is_refused_as_it_streams(tmp_path):
+    """An IterableDataset is checked row by row as training reads it, not read twice."""
+    stream = _with_row(make_dataset(), 1, rejected=None).to_iterable_dataset()
+    with pytest.raises(ValueError, match="train dataset, row 1, column 'rejected': found None"):
+        train(tmp_path, dataset=stream, max_steps=1)
 
 
 def test_two_processes_equal_one(tmp_path):
