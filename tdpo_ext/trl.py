@@ -277,3 +277,8 @@ class TDPOTrainer(DPOTrainer):
             tokens = gather(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += tokens // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
+
+
+if __name__ == "__main__":  # python -m tdpo_ext.trl: the tdpo-trl command
+    from .trl_cli import cli
+    cli()
