@@ -293,7 +293,8 @@ def test_bad_row_of_a_streamed_dataset_is_refused_as_it_streams(tmp_path):
 
 def test_two_processes_equal_one(tmp_path):
     """torchrun, 2 CPU processes (gloo), fused LM head: after two steps both ranks hold
-    the same parameters, equal to one process's on the same global batch."""
+    the same parameters, and log the same metrics, equal to one process's on the same
+    global batch (the metrics averaged over both processes' pairs, not each one's own)."""
     script = os.path.join(HERE, "trl_ddp_run.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE + os.pathsep +
                os.environ.get("PYTHONPATH", ""))
@@ -304,9 +305,17 @@ def test_two_processes_equal_one(tmp_path):
                script, str(out), str(4 // procs)]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    one = torch.load(tmp_path / "procs1" / "rank0.pt")
-    rank0 = torch.load(tmp_path / "procs2" / "rank0.pt")
-    rank1 = torch.load(tmp_path / "procs2" / "rank1.pt")
+    one, rank0, rank1 = (torch.load(tmp_path / run / f"rank{rank}.pt")
+                         for run, rank in (("procs1", 0), ("procs2", 0), ("procs2", 1)))
+    logged = [[{k: v for k, v in log.items() if k.startswith(("rewards/", "kl/", "logps/"))}
+               for log in run["log_history"] if "loss" in log] for run in (one, rank0, rank1)]
+    assert len(logged[0]) == 2 and len(logged[0][0]) == 9
+    for step, (expected, *got) in enumerate(zip(*logged)):
+        for name, value in expected.items():
+            for rank, ranks in enumerate(got):
+                assert ranks[name] == pytest.approx(value, rel=1e-4, abs=1e-6), \
+                    (step, rank, name)
+    one, rank0, rank1 = (run["params"] for run in (one, rank0, rank1))
     start = models_pair(move=1.0)[0].state_dict()
     for name in one:
         assert torch.equal(rank0[name], rank1[name]), name
