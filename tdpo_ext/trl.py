@@ -117,14 +117,15 @@ def _refusal(args: TDPOConfig) -> str | None:
     return None
 
 
-def _fusable_head(model, role: str, verify: bool) -> LMHead:
+def _fusable_head(model, role: str, verify: bool, mixed_precision: bool) -> LMHead:
     """lm_head_of(model), checked on a few token ids when verify; a refusal names the
     model's role and the way out."""
     try:
         head = lm_head_of(model)
         if verify:
             ids = torch.arange(min(8, head.weight.shape[0]), device=model.device)[None]
-            verify_lm_head(model, head, ids)
+            # A reference prepared by accelerate runs its forward under autocast.
+            verify_lm_head(model, head, ids, rtol=2e-2 if mixed_precision else 1e-3)
     except ValueError as e:
         raise ValueError(f"TDPOTrainer, {role} model: {e}. Set use_fused_linear=False to "
                          "compute the loss from its logits") from e
@@ -193,7 +194,9 @@ class TDPOTrainer(DPOTrainer):
         # Verified numerically, unless sharded: what the config does not say (a hidden-state
         # scaling, a patched forward, a hook) is refused.
         verify = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
-        heads = [_fusable_head(model, role, verify) for role, model in models.items()]
+        mixed_precision = self.args.bf16 or self.args.fp16
+        heads = [_fusable_head(model, role, verify, mixed_precision)
+                 for role, model in models.items()]
         transforms = {(head.logit_scale, head.logit_softcap) for head in heads}
         if len(transforms) > 1:
             raise ValueError("TDPOTrainer: the policy and the reference transform their "
