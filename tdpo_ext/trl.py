@@ -14,7 +14,8 @@ response token, so TDPOTrainer replaces DPOTrainer._compute_loss: both models ru
 backbones through their own forward call (accelerate's DDP and FSDP wrappers see it), and
 with ``use_fused_linear`` (the default) the policy's forward hands its last hidden states
 and LM-head weight to fused_linear_sequence_stats, so that no (N, T, V) logits tensor
-exists. docs/TRL.md says which DPOConfig features work and which do not, and why.
+exists. docs/TRL.md says which DPOConfig features work and which do not, and why. From
+TRL's command line: ``tdpo-trl`` or ``python -m tdpo_ext.trl`` (tdpo_ext/trl_cli.py).
 """
 from __future__ import annotations
 
