@@ -24,24 +24,14 @@ import os
 import time
 
 import torch
-from datasets import load_dataset
 from peft import LoraConfig
 
-from tdpo_ext.training.config import SHIPPED_PAIRS
 from tdpo_ext.training.models import load_model
 from tdpo_ext.trl import TDPOConfig, TDPOTrainer
+from trl_inputs import movie_review_pairs  # beside this file
 
 SHOWN = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
          "rewards/margins", "kl/chosen", "kl/rejected", "kl/margin")
-
-
-def conversational(row):
-    # SmolLM2-135M-Instruct is a chat model and the pairs' responses were sampled through
-    # its chat template (docs/TRAINING.md), so we hand TRL the conversational format: it
-    # applies the tokenizer's template to the prompt and scores only the assistant turns.
-    return {"prompt": [{"role": "user", "content": row["prompt"]}],
-            "chosen": [{"role": "assistant", "content": row["chosen"]}],
-            "rejected": [{"role": "assistant", "content": row["rejected"]}]}
 
 
 def main():
@@ -56,8 +46,7 @@ def main():
     # first run. It returns the project's tokenizer wrapper; TRL wants the HF tokenizer.
     model, tokenizer = load_model("smollm2")
     tokenizer = tokenizer.tok
-    pairs = load_dataset("json", data_files=SHIPPED_PAIRS["train"], split="train")
-    dataset = pairs.map(conversational, remove_columns=pairs.column_names)
+    dataset = movie_review_pairs("train")
 
     config = TDPOConfig(
         output_dir=args.output_dir, loss_type="tdpo2", beta=0.1, tdpo_alpha=0.5,

@@ -156,19 +156,51 @@ def head_logits(head: LMHead, hidden: Tensor) -> Tensor:
     return logits
 
 
-def verify_lm_head(model, head: LMHead, input_ids: Tensor) -> None:
-    """Raises ValueError unless head_logits(body(ids)) equals model(ids).logits."""
+def verify_lm_head(model, head: LMHead, input_ids: Tensor, rtol: float = 1e-3) -> None:
+    """Raises ValueError unless head_logits(body(input_ids=ids)) equals model(ids).logits,
+    to rtol relative to each logit and to the largest (a model whose forward runs under
+    bf16 autocast needs about 2e-2; a model that rescales its logits differs by far more).
+
+    One forward call of the model, in the common case: the body's hidden states are read as
+    the model's forward computes them, when it calls the body as the fused head will (once,
+    on these ids, with no other tensor such as embeddings or positions). Otherwise the body
+    runs again on its own, as the fused head runs it."""
+    calls = []
+
+    def keep(module, args, kwargs, output):  # a copy: the forward may change it in place
+        calls.append((_called_on_ids_only(args, kwargs, input_ids),
+                      last_hidden_state(output).clone()))
+
     with torch.no_grad():
-        logits = model(input_ids=input_ids).logits
-        fused = head_logits(head, last_hidden_state(head.body(input_ids=input_ids)))
+        hook = head.body.register_forward_hook(keep, with_kwargs=True)
+        try:
+            logits = model(input_ids=input_ids).logits
+        finally:
+            hook.remove()
+        if len(calls) == 1 and calls[0][0]:
+            hidden = calls[0][1]
+        else:
+            hidden = last_hidden_state(head.body(input_ids=input_ids))
+        fused = head_logits(head, hidden)
     if fused.shape != logits.shape or not torch.allclose(
-            fused.float(), logits.float(), rtol=1e-3, atol=1e-3):
+            fused.float(), logits.float(), rtol=rtol,
+            atol=rtol * max(1.0, logits.float().abs().max().item())):
         diff = ((fused.float() - logits.float()).abs().max().item()
                 if fused.shape == logits.shape else "shape mismatch")
         raise ValueError(f"tdpo_ext: cannot fuse the LM head of {type(model).__name__}: "
                          "the head applied to the body's hidden states differs from "
                          f"model(ids).logits (max |diff| {diff}); the model changes its "
                          "logits beyond a scaled, soft-capped linear head")
+
+
+def _called_on_ids_only(args, kwargs, input_ids: Tensor) -> bool:
+    """Whether a body call got input_ids and nothing else but None and flags: the call
+    body(input_ids=ids) that the fused head makes, up to its defaults."""
+    rest = dict(kwargs)
+    ids = args[0] if args else rest.pop("input_ids", None)
+    return (len(args) <= 1 and isinstance(ids, Tensor) and ids.shape == input_ids.shape
+            and torch.equal(ids, input_ids)
+            and all(value is None or isinstance(value, bool) for value in rest.values()))
 
 
 def last_hidden_state(output) -> Tensor:

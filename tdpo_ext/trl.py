@@ -14,7 +14,8 @@ response token, so TDPOTrainer replaces DPOTrainer._compute_loss: both models ru
 backbones through their own forward call (accelerate's DDP and FSDP wrappers see it), and
 with ``use_fused_linear`` (the default) the policy's forward hands its last hidden states
 and LM-head weight to fused_linear_sequence_stats, so that no (N, T, V) logits tensor
-exists. docs/TRL.md says which DPOConfig features work and which do not, and why.
+exists. docs/TRL.md says which DPOConfig features work and which do not, and why. From
+TRL's command line: ``tdpo-trl`` or ``python -m tdpo_ext.trl`` (tdpo_ext/trl_cli.py).
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, use_adapter
 
 from .fused_linear import fused_linear_sequence_stats
-from .lm_head import add_fused_head, head_inputs, lm_head_of, verify_lm_head
+from .lm_head import LMHead, add_fused_head, head_inputs, lm_head_of, verify_lm_head
 from .ops import pairwise_output, sequence_stats
+from .trl_datasets import check_preference_dataset
 
 __all__ = ["TDPOConfig", "TDPOTrainer", "LOSS_TYPES"]
 
@@ -116,6 +118,21 @@ def _refusal(args: TDPOConfig) -> str | None:
     return None
 
 
+def _fusable_head(model, role: str, verify: bool, mixed_precision: bool) -> LMHead:
+    """lm_head_of(model), checked on a few token ids when verify; a refusal names the
+    model's role and the way out."""
+    try:
+        head = lm_head_of(model)
+        if verify:
+            ids = torch.arange(min(8, head.weight.shape[0]), device=model.device)[None]
+            # A reference prepared by accelerate runs its forward under autocast.
+            verify_lm_head(model, head, ids, rtol=2e-2 if mixed_precision else 1e-3)
+    except ValueError as e:
+        raise ValueError(f"TDPOTrainer, {role} model: {e}. Set use_fused_linear=False to "
+                         "compute the loss from its logits") from e
+    return head
+
+
 class TDPOTrainer(DPOTrainer):
     """DPOTrainer with the TDPO loss (Zeng et al., ICML 2024), computed by tdpo_ext's
     ops. Arguments as DPOTrainer's, with a TDPOConfig.
@@ -142,7 +159,8 @@ class TDPOTrainer(DPOTrainer):
             }"""),
     }
 
-    def __init__(self, model, ref_model=None, args: TDPOConfig | None = None, *rest, **kwargs):
+    def __init__(self, model, ref_model=None, args: TDPOConfig | None = None,
+                 data_collator=None, train_dataset=None, eval_dataset=None, *rest, **kwargs):
         if args is None:
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = TDPOConfig(f"{name.split('/')[-1]}-TDPO")
@@ -150,7 +168,15 @@ class TDPOTrainer(DPOTrainer):
             raise TypeError(f"TDPOTrainer takes a TDPOConfig, got {type(args).__name__}: "
                             "TDPOConfig(**your_dpo_config.to_dict()) converts one, with "
                             "loss_type='tdpo2'")
-        super().__init__(model, ref_model, args, *rest, **kwargs)
+        # Before TRL's dataset preparation, whose errors on bad rows name neither row nor column.
+        train_dataset = check_preference_dataset(train_dataset, "train")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {key: check_preference_dataset(dataset, f"eval {key!r}")
+                            for key, dataset in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = check_preference_dataset(eval_dataset, "eval")
+        super().__init__(model, ref_model, args, data_collator, train_dataset, eval_dataset,
+                         *rest, **kwargs)
         self.variant = LOSS_TYPES[args.loss_type[0]]
         if self.aux_loss_enabled:
             raise ValueError("TDPOTrainer: the MoE load-balancing loss is not added to the "
@@ -163,21 +189,22 @@ class TDPOTrainer(DPOTrainer):
             raise ValueError("TDPOTrainer: use_fused_linear does not gather DeepSpeed ZeRO-3 "
                              "partitioned LM heads; set use_fused_linear=False")
         policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        models = [policy]
+        models = {"policy": policy}
         if self.ref_model is not None:
-            models.append(self.accelerator.unwrap_model(self.ref_model))
-        heads = [lm_head_of(model) for model in models]  # refuses what it cannot fuse
+            models["reference"] = self.accelerator.unwrap_model(self.ref_model)
+        # Verified numerically, unless sharded: what the config does not say (a hidden-state
+        # scaling, a patched forward, a hook) is refused.
+        verify = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        mixed_precision = self.args.bf16 or self.args.fp16
+        heads = [_fusable_head(model, role, verify, mixed_precision)
+                 for role, model in models.items()]
         transforms = {(head.logit_scale, head.logit_softcap) for head in heads}
         if len(transforms) > 1:
             raise ValueError("TDPOTrainer: the policy and the reference transform their "
                              f"logits differently {sorted(transforms)}; set "
                              "use_fused_linear=False")
         (self._logit_scale, self._logit_softcap), = transforms
-        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
-            # What the config does not say (a hidden-state scaling, a patched forward).
-            ids = torch.arange(min(8, heads[0].weight.shape[0]), device=policy.device)[None]
-            verify_lm_head(policy, heads[0], ids)
-        for model, head in zip(models, heads):
+        for model, head in zip(models.values(), heads):
             add_fused_head(model, head.body)
 
     @contextlib.contextmanager
@@ -254,3 +281,8 @@ class TDPOTrainer(DPOTrainer):
             tokens = gather(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += tokens // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
+
+
+if __name__ == "__main__":  # python -m tdpo_ext.trl: the tdpo-trl command
+    from .trl_cli import cli
+    cli()

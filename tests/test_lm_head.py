@@ -108,3 +108,17 @@ def test_lm_head_of_verify_catches_hidden_scaling():
     lm_head_of(model)  # nothing in its config says so...
     with pytest.raises(ValueError, match="ScaledLlama.*differs from model"):
         lm_head_of(model, verify_input_ids=torch.randint(0, 64, (1, 5)))
+
+
+def test_verify_catches_a_forward_that_changes_the_body_inputs():
+    """verify_lm_head reads the body's output from the model's own forward only when the
+    forward called the body as the fused head will; here it passes scaled embeddings, which
+    body(input_ids=...) would not see."""
+    class ScaledEmbeddingsLlama(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, **kwargs):
+            embeds = self.get_input_embeddings()(input_ids) * 2
+            return super().forward(inputs_embeds=embeds, **kwargs)
+
+    model = ScaledEmbeddingsLlama(_tiny_llama(False).config).eval()
+    with pytest.raises(ValueError, match="ScaledEmbeddingsLlama.*differs from model"):
+        lm_head_of(model, verify_input_ids=torch.randint(0, 64, (1, 5)))

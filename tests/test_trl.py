@@ -18,6 +18,8 @@ peft = pytest.importorskip("peft")
 
 import tdpo_ext  # noqa: E402
 from tdpo_ext.trl import TDPOConfig, TDPOTrainer  # noqa: E402
+import transformers  # noqa: E402
+from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from trl import DPOTrainer  # noqa: E402
 
@@ -201,6 +203,38 @@ def test_bad_configuration_fails_at_construction(tmp_path, settings, message):
         TDPOConfig(output_dir=str(tmp_path), use_cpu=True, **settings)
 
 
+class _HalvedLlama(transformers.LlamaForCausalLM):
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+
+def _hooked_reference(policy):
+    ref = copy.deepcopy(policy)
+    ref.lm_head.register_forward_hook(lambda module, args, output: output * 2)
+    return ref
+
+
+def _subclassed_reference(policy):
+    ref = _HalvedLlama(policy.config)
+    ref.load_state_dict(policy.state_dict())
+    return ref
+
+
+@pytest.mark.parametrize("make_reference", [_hooked_reference, _subclassed_reference])
+def test_reference_whose_logits_differ_from_its_head_is_refused(tmp_path, make_reference):
+    """A reference equal to the policy but for its logits (an LM-head hook, a subclass):
+    the fused head would read its hidden states and plain head, and see KL 0."""
+    policy, _ = models_pair()
+    ref = make_reference(policy)
+    with pytest.raises(ValueError, match=r"reference model: tdpo_ext: cannot fuse the LM head "
+                                         r"of \w*Llama\w*: .*use_fused_linear=False"):
+        train(tmp_path, policy=policy, ref=ref, max_steps=1)
+    trainer, _ = train(tmp_path, policy=policy, ref=ref, max_steps=1, use_fused_linear=False)
+    assert trainer.state.log_history[0]["kl/rejected"] > 1e-3
+
+
 def test_dpo_config_is_refused(tmp_path):
     from trl import DPOConfig
     policy, ref = models_pair()
@@ -209,9 +243,58 @@ def test_dpo_config_is_refused(tmp_path):
                     train_dataset=make_dataset(), processing_class=make_tokenizer())
 
 
+def _with_row(dataset, row, **values):
+    rows = dataset.to_list()
+    rows[row].update(values)
+    return Dataset.from_list(rows)
+
+
+@pytest.mark.parametrize("split,make,message", [
+    ("train", lambda: make_dataset().select([]),
+     r"the train dataset is empty \(0 rows\); expected rows of preference pairs, in the "
+     r"standard format \('prompt', 'chosen' and 'rejected' strings\) or the conversational"),
+    ("train", lambda: _with_row(make_dataset(), 5, rejected=None),
+     r"train dataset, row 5, column 'rejected': found None; expected a string \(the "
+     r"standard format with an explicit prompt, as row 0's 'prompt' is: 'prompt', "
+     r"'chosen', 'rejected'\)"),
+    ("eval", lambda: make_dataset(implicit=True).remove_columns("rejected"),
+     r"the eval dataset has no 'rejected' column \(its columns: \['chosen'\]\); expected "
+     r"the standard format"),
+    ("train", lambda: make_dataset(3).map(lambda row, i: {"rejected": i}, with_indices=True),
+     r"train dataset, row 0, column 'rejected': found int 0; expected a string \(the "
+     r"standard format with an explicit prompt, as row 0's 'prompt' is"),
+    ("eval", lambda: Dataset.from_list([{**row, "rejected": [
+        {"role": "assistant", "content": None if i == 2 else "w1"}]}
+        for i, row in enumerate(make_dataset(4, conversational=True))]),
+     r"eval dataset, row 2, column 'rejected': found a list whose item 0 is not a message: "
+     r"\{'role': 'assistant', 'content': None\}; expected a non-empty list of messages.*"
+     r"\(the conversational format with an explicit prompt, as row 0's 'prompt' is"),
+    ("train", lambda: make_dataset().map(
+        lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]}),
+     r"train dataset, row 0, column 'chosen': found a string ' w\d+.*'; expected a non-empty "
+     r"list of messages, .* \(the conversational format with an explicit prompt, as row 0's "
+     r"'prompt' is: 'prompt', 'chosen', 'rejected'\)"),
+])
+def test_bad_dataset_is_refused_by_name_row_and_column(tmp_path, split, make, message):
+    datasets = {"train_dataset": make_dataset(), "eval_dataset": None}
+    datasets[f"{split}_dataset"] = make()
+    policy, ref = models_pair()
+    with pytest.raises(ValueError, match=message):
+        TDPOTrainer(model=policy, ref_model=ref, args=make_config(tmp_path),
+                    processing_class=make_tokenizer(), **datasets)
+
+
+def test_bad_row_of_a_streamed_dataset_is_refused_as_it_streams(tmp_path):
+    """An IterableDataset is checked row by row as training reads it, not read twice."""
+    stream = _with_row(make_dataset(), 1, rejected=None).to_iterable_dataset()
+    with pytest.raises(ValueError, match="train dataset, row 1, column 'rejected': found None"):
+        train(tmp_path, dataset=stream, max_steps=1)
+
+
 def test_two_processes_equal_one(tmp_path):
     """torchrun, 2 CPU processes (gloo), fused LM head: after two steps both ranks hold
-    the same parameters, equal to one process's on the same global batch."""
+    the same parameters, and log the same metrics, equal to one process's on the same
+    global batch (the metrics averaged over both processes' pairs, not each one's own)."""
     script = os.path.join(HERE, "trl_ddp_run.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE + os.pathsep +
                os.environ.get("PYTHONPATH", ""))
@@ -222,9 +305,17 @@ def test_two_processes_equal_one(tmp_path):
                script, str(out), str(4 // procs)]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    one = torch.load(tmp_path / "procs1" / "rank0.pt")
-    rank0 = torch.load(tmp_path / "procs2" / "rank0.pt")
-    rank1 = torch.load(tmp_path / "procs2" / "rank1.pt")
+    one, rank0, rank1 = (torch.load(tmp_path / run / f"rank{rank}.pt")
+                         for run, rank in (("procs1", 0), ("procs2", 0), ("procs2", 1)))
+    logged = [[{k: v for k, v in log.items() if k.startswith(("rewards/", "kl/", "logps/"))}
+               for log in run["log_history"] if "loss" in log] for run in (one, rank0, rank1)]
+    assert len(logged[0]) == 2 and len(logged[0][0]) == 9
+    for step, (expected, *got) in enumerate(zip(*logged)):
+        for name, value in expected.items():
+            for rank, ranks in enumerate(got):
+                assert ranks[name] == pytest.approx(value, rel=1e-4, abs=1e-6), \
+                    (step, rank, name)
+    one, rank0, rank1 = (run["params"] for run in (one, rank0, rank1))
     start = models_pair(move=1.0)[0].state_dict()
     for name in one:
         assert torch.equal(rank0[name], rank1[name]), name

@@ -1,5 +1,6 @@
 """Run by test_trl.py under torchrun: two TDPOTrainer steps (fused LM head) on CPU with
-PER_DEVICE pairs per process; each rank saves its final parameters to OUT/rank{r}.pt.
+PER_DEVICE pairs per process; each rank saves its final parameters and its logged metrics
+(trainer.state.log_history) to OUT/rank{r}.pt.
 
     python -m torch.distributed.run --nproc_per_node=N trl_ddp_run.py OUT PER_DEVICE
 """
@@ -19,8 +20,8 @@ trainer = TDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=make
                       processing_class=make_tokenizer())
 trainer.train()
 rank = dist.get_rank() if dist.is_initialized() else 0
-torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
-           f"{out}/rank{rank}.pt")
+torch.save({"params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+            "log_history": trainer.state.log_history}, f"{out}/rank{rank}.pt")
 # Free the wrapped model and its gloo work objects while the interpreter is alive (freed at
 # shutdown instead, they can abort the exit), then leave the group.
 del trainer

@@ -86,3 +86,11 @@ def make_config(out, **kwargs):
         max_length=64)
     settings.update(kwargs)
     return TDPOConfig(**settings)
+
+
+def save_model_folder(folder, seed=0):
+    """A tiny random Llama and the word-level tokenizer, saved as a transformers model
+    folder (what --model_name_or_path names)."""
+    make_model(seed).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return str(folder)
