@@ -305,7 +305,7 @@ def test_two_processes_equal_one(tmp_path):
                script, str(out), str(4 // procs)]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    one, rank0, rank1 = (torch.load(tmp_path / run / f"rank{rank}.pt")
+    one, rank0, rank1 = (torch.load(tmp_path / run / f"rank{rank}.pt", weights_only=True)
                          for run, rank in (("procs1", 0), ("procs2", 0), ("procs2", 1)))
     logged = [[{k: v for k, v in log.items() if k.startswith(("rewards/", "kl/", "logps/"))}
                for log in run["log_history"] if "loss" in log] for run in (one, rank0, rank1)]
