@@ -159,9 +159,6 @@ class TDPOTrainer(DPOTrainer):
             self._setup_fused_head()
 
     def _setup_fused_head(self) -> None:
-        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise ValueError("TDPOTrainer: use_fused_linear does not gather DeepSpeed ZeRO-3 "
-                             "partitioned LM heads; set use_fused_linear=False")
         policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
         models = [policy]
         if self.ref_model is not None:
@@ -198,7 +195,9 @@ class TDPOTrainer(DPOTrainer):
         # Prompt-learning PEFT prepends virtual tokens: keep the positions of the real ones.
         seq_len = labels.shape[1]
         with self._reference() as reference:
-            ref_hidden, ref_weight, ref_bias = head_inputs(reference, **model_kwargs)
+            # FSDP frees the reference's unsharded head when its forward returns.
+            ref_hidden, ref_weight, ref_bias = head_inputs(
+                reference, copy=self.is_fsdp_enabled, **model_kwargs)
 
         def policy_stats(hidden, weight, bias):
             return fused_linear_sequence_stats(
