@@ -13,6 +13,7 @@ op, a C++ build that its CPU backend starts when it comes up: ZeRO uses gloo wit
 from __future__ import annotations
 
 import functools
+import importlib
 
 import accelerate
 from accelerate.state import AcceleratorState, PartialState
@@ -25,12 +26,12 @@ def install() -> None:
     if not accelerate.__version__.startswith(WRITTEN_FOR):
         raise RuntimeError(f"accelerate_cpu_shim was written for accelerate {WRITTEN_FOR}, "
                            f"found {accelerate.__version__}: check AcceleratorState.__init__")
-    try:
-        import deepspeed.comm.torch
+    try:  # (deepspeed.comm.torch, as an attribute, is the torch module)
+        ds_torch_backend = importlib.import_module("deepspeed.comm.torch")
     except ImportError:
         pass
     else:
-        deepspeed.comm.torch.build_shm_op = lambda: None
+        ds_torch_backend.build_shm_op = lambda: None
     original = AcceleratorState.__init__
     if getattr(original, "_cpu_shim", False):
         return
