@@ -8,13 +8,14 @@ DPOTrainer (tested against TRL 1.16: ``pip install --no-build-isolation "tdpo-ex
     trainer.train()
 
 Everything but the loss is DPOTrainer's: datasets (standard or conversational, explicit or
-implicit prompt), chat templates, PEFT, accelerate (DDP, FSDP), logging, checkpoints and
-resume. The loss needs the reference model's whole next-token distribution at every
-response token, so TDPOTrainer replaces DPOTrainer._compute_loss: both models run their
-backbones through their own forward call (accelerate's DDP and FSDP wrappers see it), and
-with ``use_fused_linear`` (the default) the policy's forward hands its last hidden states
-and LM-head weight to fused_linear_sequence_stats, so that no (N, T, V) logits tensor
-exists. docs/TRL.md says which DPOConfig features work and which do not, and why.
+implicit prompt), chat templates, PEFT, accelerate (DDP, FSDP2, DeepSpeed ZeRO; docs/TRL.md
+says which are tested), logging, checkpoints and resume. The loss needs the reference
+model's whole next-token distribution at every response token, so TDPOTrainer replaces
+DPOTrainer._compute_loss: both models run their backbones through their own forward call
+(accelerate's DDP, FSDP and DeepSpeed wrappers see it), and with ``use_fused_linear`` (the
+default) the policy's forward hands its last hidden states and LM-head weight to
+fused_linear_sequence_stats, so that no (N, T, V) logits tensor exists. docs/TRL.md says
+which DPOConfig features work and which do not, and why.
 """
 from __future__ import annotations
 
