@@ -1,9 +1,9 @@
-"""Lets accelerate 1.16 start FSDP and DeepSpeed on CPU processes (gloo), for the sharded
-tests (test_trl_sharded.py). Written for accelerate 1.16.0, whose AcceleratorState.__init__ keeps the FSDP
-plugin only for accelerator devices (it silently falls back to DDP on MULTI_CPU) and
-starts DeepSpeed only when not on CPU (it silently falls back to DDP too). After the
-original __init__ has set up the CPU process group, this switches the state to the plugin
-it was given, as the GPU branches of that __init__ do; nothing else changes.
+"""Lets accelerate start FSDP and DeepSpeed on CPU processes (gloo), for the sharded tests
+(test_trl_sharded.py). Written for accelerate 1.16.0, whose AcceleratorState.__init__ keeps
+the FSDP plugin only for accelerator devices and starts DeepSpeed only off the CPU: on
+MULTI_CPU both silently become DDP. After the original __init__ has set up the CPU process
+group, this switches the state to the plugin it was given, as the GPU branches of that
+__init__ do; nothing else changes.
 
     import accelerate_cpu_shim; accelerate_cpu_shim.install()   # before the Trainer
 
