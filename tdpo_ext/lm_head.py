@@ -3,6 +3,7 @@ hidden state the head reads, the head's weight and bias, and what the model does
 head's output (a scale, a soft-cap). Duck-typed: nothing here imports transformers."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from typing import NamedTuple, Optional
@@ -209,13 +210,33 @@ def last_hidden_state(output) -> Tensor:
     return output[0] if hidden is None else hidden
 
 
+def _zero3_gathered(*params):
+    """A context in which DeepSpeed ZeRO-3 partitioned parameters hold their whole data
+    (once, however many times one is passed); a null context for any other parameters, and
+    for those already gathered (a tied head, held by the input embedding's module), which
+    ZeRO-3 repartitions itself."""
+    params = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed  # only ZeRO-3 parameters have a ds_id
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    partitioned = {id(p): p for p in params if p.ds_status != ZeroParamStatus.AVAILABLE}
+    return deepspeed.zero.GatheredParameters(list(partitioned.values()))
+
+
 def add_fused_head(model, body: torch.nn.Module) -> None:
     """Lets ``model(..., fused_head=fn)`` run ``body`` (lm_head_of's) and return ``fn(hidden,
     weight, bias)``: its last hidden states and its LM head's weight and bias, as the head
-    would read them (gathered if sharded, in autocast's dtype under autocast). The loss is
+    would read them (whole if sharded, in autocast's dtype under autocast). The loss is
     then computed inside the model's own forward call, which DDP and FSDP wrappers need to
-    synchronize gradients. Without fused_head, the forward is the one before, so
-    generation is unchanged."""
+    synchronize gradients and ZeRO-3 needs to reduce them. Without fused_head, the forward
+    is the one before, so generation is unchanged.
+
+    A sharded head is made whole once per call, never once per tile: FSDP2 has already
+    unsharded it for the call (or, where the head is a DTensor of its own, full_tensor()
+    gathers it); a DeepSpeed ZeRO-3 partitioned head is gathered here and copied, since
+    ZeRO-3 partitions it again when the call returns, before the loss's backward reads
+    it: the copy's gradient flows into the partitioned parameter."""
     previous_forward = model.forward
 
     # Keep the original signature: `generate` validates its model kwargs against it.
@@ -229,7 +250,10 @@ def add_fused_head(model, body: torch.nn.Module) -> None:
         hidden = last_hidden_state(body(*args, **kwargs))
         head = self.get_output_embeddings()
         weight, bias = head.weight, head.bias
-        # FSDP2 shards the head into DTensors: gather it once per call, not once per tile.
+        zero3 = hasattr(weight, "ds_id")
+        with _zero3_gathered(weight, bias):
+            if zero3:
+                weight, bias = weight.clone(), None if bias is None else bias.clone()
         if isinstance(weight, DTensor):
             weight = weight.full_tensor()
             bias = None if bias is None else bias.full_tensor()
@@ -245,16 +269,20 @@ def add_fused_head(model, body: torch.nn.Module) -> None:
     model.forward = types.MethodType(forward, model)
 
 
-def head_inputs(model, **inputs) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+def head_inputs(model, *, copy: bool = False, **inputs
+                ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """(hidden, weight, bias): what ``model``'s fused head reads for these inputs, through
     its own forward call (add_fused_head), for a frozen reference whose side of the fused
-    loss is computed before the policy's forward."""
+    loss is computed after its forward call returns. ``copy``: copy the weight and bias
+    within the call, for a model whose wrapper frees their unsharded storage when the call
+    returns (FSDP)."""
     read = []
 
     def keep(hidden, weight, bias):
+        if copy:
+            weight, bias = weight.clone(), None if bias is None else bias.clone()
         read.append((hidden, weight, bias))
         return ()
 
     model(**inputs, fused_head=keep)
     return read[0]
-

@@ -8,14 +8,15 @@ DPOTrainer (tested against TRL 1.16: ``pip install --no-build-isolation "tdpo-ex
     trainer.train()
 
 Everything but the loss is DPOTrainer's: datasets (standard or conversational, explicit or
-implicit prompt), chat templates, PEFT, accelerate (DDP, FSDP), logging, checkpoints and
-resume. The loss needs the reference model's whole next-token distribution at every
-response token, so TDPOTrainer replaces DPOTrainer._compute_loss: both models run their
-backbones through their own forward call (accelerate's DDP and FSDP wrappers see it), and
-with ``use_fused_linear`` (the default) the policy's forward hands its last hidden states
-and LM-head weight to fused_linear_sequence_stats, so that no (N, T, V) logits tensor
-exists. docs/TRL.md says which DPOConfig features work and which do not, and why. From
-TRL's command line: ``tdpo-trl`` or ``python -m tdpo_ext.trl`` (tdpo_ext/trl_cli.py).
+implicit prompt), chat templates, PEFT, accelerate (DDP, FSDP2, DeepSpeed ZeRO; docs/TRL.md
+says which are tested), logging, checkpoints and resume. The loss needs the reference
+model's whole next-token distribution at every response token, so TDPOTrainer replaces
+DPOTrainer._compute_loss: both models run their backbones through their own forward call
+(accelerate's DDP, FSDP and DeepSpeed wrappers see it), and with ``use_fused_linear`` (the
+default) the policy's forward hands its last hidden states and LM-head weight to
+fused_linear_sequence_stats, so that no (N, T, V) logits tensor exists. docs/TRL.md says
+which DPOConfig features work and which do not, and why. From TRL's command line:
+``tdpo-trl`` or ``python -m tdpo_ext.trl`` (tdpo_ext/trl_cli.py).
 """
 from __future__ import annotations
 
@@ -185,9 +186,6 @@ class TDPOTrainer(DPOTrainer):
             self._setup_fused_head()
 
     def _setup_fused_head(self) -> None:
-        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise ValueError("TDPOTrainer: use_fused_linear does not gather DeepSpeed ZeRO-3 "
-                             "partitioned LM heads; set use_fused_linear=False")
         policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
         models = {"policy": policy}
         if self.ref_model is not None:
@@ -225,7 +223,9 @@ class TDPOTrainer(DPOTrainer):
         # Prompt-learning PEFT prepends virtual tokens: keep the positions of the real ones.
         seq_len = labels.shape[1]
         with self._reference() as reference:
-            ref_hidden, ref_weight, ref_bias = head_inputs(reference, **model_kwargs)
+            # FSDP frees the reference's unsharded head when its forward returns.
+            ref_hidden, ref_weight, ref_bias = head_inputs(
+                reference, copy=self.is_fsdp_enabled, **model_kwargs)
 
         def policy_stats(hidden, weight, bias):
             return fused_linear_sequence_stats(

@@ -30,19 +30,19 @@ def make_tokenizer():
     return tok
 
 
-def make_model(seed=0, tied=False, vocab=len(SPECIAL) + N_WORDS):
+def make_model(seed=0, tied=False, vocab=len(SPECIAL) + N_WORDS, hidden=32):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
         pad_token_id=1, eos_token_id=2, bos_token_id=None)
     return transformers.LlamaForCausalLM(config)
 
 
-def models_pair(seed=0, tied=False, move=0.2):
+def models_pair(seed=0, tied=False, move=0.2, hidden=32):
     """(policy, reference): the reference random, the policy a perturbed copy of it, so
     that the first step already has nonzero margins and KLs."""
-    ref = make_model(seed, tied)
+    ref = make_model(seed, tied, hidden=hidden)
     policy = copy.deepcopy(ref)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
