@@ -140,9 +140,61 @@ void run_thread(Grid& grid, int thread, const std::function<void()>& body) {
   current_grid = nullptr;
 }
 
-std::mutex& launch_mutex() {
-  static std::mutex mutex;
-  return mutex;
+// The OS threads that run the CUDA threads: created as launches need them and kept for
+// the next launches (creating 256 threads per launch would cost more than the kernels).
+// A launch runs on threads [0, grid.threads); the others only report back.
+class ThreadPool {
+ public:
+  // Runs the grid; one launch at a time.
+  void run(Grid& grid, const std::function<void()>& body) {
+    const std::lock_guard<std::mutex> one_launch_at_a_time(launch_mutex_);
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (static_cast<int>(threads_.size()) < grid.threads) {
+      const int index = static_cast<int>(threads_.size());
+      threads_.emplace_back([this, index] { work(index); });
+      threads_.back().detach();  // they live as long as the process
+    }
+    grid_ = &grid;
+    body_ = &body;
+    reported_ = 0;
+    ++launches_;
+    posted_.notify_all();
+    finished_.wait(lock, [&] { return reported_ == static_cast<int>(threads_.size()); });
+    grid_ = nullptr;
+  }
+
+ private:
+  void work(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+      Grid* grid;
+      const std::function<void()>* body;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        posted_.wait(lock, [&] { return launches_ != seen; });
+        seen = launches_;
+        grid = grid_;
+        body = body_;
+      }
+      if (index < grid->threads) run_thread(*grid, index, *body);
+      const std::lock_guard<std::mutex> lock(mutex_);
+      if (++reported_ == static_cast<int>(threads_.size())) finished_.notify_one();
+    }
+  }
+
+  std::mutex launch_mutex_;
+  std::mutex mutex_;  // guards the fields below
+  std::condition_variable posted_, finished_;
+  std::vector<std::thread> threads_;
+  Grid* grid_ = nullptr;
+  const std::function<void()>* body_ = nullptr;
+  uint64_t launches_ = 0;
+  int reported_ = 0;
+};
+
+ThreadPool& thread_pool() {
+  static ThreadPool* pool = new ThreadPool;  // never destroyed: its threads never end
+  return *pool;
 }
 
 }  // namespace
@@ -168,14 +220,8 @@ void run_grid(const char* op, const char* kernel, int64_t blocks, int threads,
                              " threads";
     fail(what.c_str());
   }
-  const std::lock_guard<std::mutex> one_launch_at_a_time(launch_mutex());
   Grid grid{op, kernel, blocks, threads};
-  std::vector<std::thread> workers;
-  workers.reserve(threads);
-  for (int t = 0; t < threads; ++t) {
-    workers.emplace_back([&grid, &body, t] { run_thread(grid, t, body); });
-  }
-  for (std::thread& w : workers) w.join();
+  thread_pool().run(grid, body);
 }
 
 void sync_threads() {
