@@ -36,7 +36,8 @@ def run_sanitized(variant: str, *case_args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [os.path.join(build_dir, f"tdpo_python_{variant}"), SANITIZER_CASE, "--emulated",
          os.path.join(build_dir, f"libtdpo_cuda_emulated_{variant}.so"), *case_args],
-        capture_output=True, text=True, env=env, cwd=cuda_kernels.ROOT)
+        capture_output=True, text=True, env=env, cwd=cuda_kernels.ROOT,
+        timeout=1800)  # a hang (which the emulation turns into aborts where it can)
 
 
 @pytest.mark.parametrize("variant", ["asan", "tsan"])
