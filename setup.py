@@ -26,7 +26,7 @@ def read_build_list(path=os.path.join(ROOT, "csrc", "build.txt")):
     capabilities this machine builds, {name: compiler flags}."""
     machine = "x86_64" if platform.machine() in ("x86_64", "AMD64") else platform.machine()
     found = {"library": [], "module": [], "cuda": [], "emulation": [], "emulation_host": [],
-             "cpu_kernel": [], "capability": {}}
+             "emulation_python": [], "cpu_kernel": [], "capability": {}}
     with open(path) as f:
         for line in f:
             if not line.strip() or line.startswith("#"):
