@@ -3,7 +3,8 @@
 separately with ThreadSanitizer: every case must match the CPU ops, and the sanitizer
 must report nothing. Each run is a child process of the sanitized interpreter that CMake
 builds beside the library (a sanitizer's runtime must be the first thing a process loads).
-About 3 minutes on two cores with the builds (tests/cuda_kernels.py)."""
+With the builds (tests/cuda_kernels.py), about 3 minutes of CPU time on two cores: 5
+minutes of wall time on a busy machine."""
 import os
 import subprocess
 
