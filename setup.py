@@ -25,7 +25,8 @@ def read_build_list(path=os.path.join(ROOT, "csrc", "build.txt")):
     "cuda": [...], "cpu_kernel": [...]} of source paths, and under "capability" the CPU
     capabilities this machine builds, {name: compiler flags}."""
     machine = "x86_64" if platform.machine() in ("x86_64", "AMD64") else platform.machine()
-    found = {"library": [], "module": [], "cuda": [], "cpu_kernel": [], "capability": {}}
+    found = {"library": [], "module": [], "cuda": [], "emulation": [], "emulation_host": [],
+             "emulation_python": [], "cpu_kernel": [], "capability": {}}
     with open(path) as f:
         for line in f:
             if not line.strip() or line.startswith("#"):

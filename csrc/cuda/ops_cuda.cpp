@@ -116,7 +116,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_backw
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tdpo_ext, CUDA, m) {
+// The emulated build (emulation/cuda_emulation.h) registers the same implementations as
+// CPU ops of a namespace of its own, which `import tdpo_ext` never loads.
+#ifdef TDPO_CUDA_EMULATION
+#define TDPO_CUDA_OPS_NAMESPACE tdpo_ext_emulated
+#define TDPO_CUDA_OPS_DISPATCH_KEY CPU
+#else
+#define TDPO_CUDA_OPS_NAMESPACE tdpo_ext
+#define TDPO_CUDA_OPS_DISPATCH_KEY CUDA
+#endif
+
+TORCH_LIBRARY_IMPL(TDPO_CUDA_OPS_NAMESPACE, TDPO_CUDA_OPS_DISPATCH_KEY, m) {
   m.impl("token_stats", &token_stats_cuda);
   m.impl("token_stats_tile", &token_stats_tile_cuda);
   m.impl("token_stats_finish", &token_stats_finish_cuda);

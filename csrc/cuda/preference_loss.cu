@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "../tdpo_math.h"
+#include "device.h"
 #include "launch.h"
 
 namespace tdpo_ext::cuda {
@@ -17,9 +18,7 @@ __device__ __forceinline__ int64_t pair_index() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
 
-unsigned int blocks_for(int64_t pairs) {
-  return static_cast<unsigned int>((pairs + kThreads - 1) / kThreads);
-}
+int64_t blocks_for(int64_t pairs) { return (pairs + kThreads - 1) / kThreads; }
 
 __global__ void preference_loss_kernel(PairArgs in, PairLossOut out) {
   const int64_t i = pair_index();
@@ -36,16 +35,16 @@ __global__ void preference_loss_backward_kernel(PairArgs in,
 }  // namespace
 
 cudaError_t launch_preference_loss(const PairArgs& in, const PairLossOut& out) {
-  preference_loss_kernel<<<blocks_for(in.pairs), kThreads, 0,
-                           at::cuda::getCurrentCUDAStream()>>>(in, out);
-  return cudaGetLastError();
+  return launch_kernel("tdpo_ext::preference_loss", TDPO_KERNEL(preference_loss_kernel),
+                       blocks_for(in.pairs), kThreads, at::cuda::getCurrentCUDAStream(), in,
+                       out);
 }
 
 cudaError_t launch_preference_loss_backward(const PairArgs& in, const float* grad_losses,
                                             const PairLossGradOut& out) {
-  preference_loss_backward_kernel<<<blocks_for(in.pairs), kThreads, 0,
-                                    at::cuda::getCurrentCUDAStream()>>>(in, grad_losses, out);
-  return cudaGetLastError();
+  return launch_kernel("tdpo_ext::preference_loss_backward",
+                       TDPO_KERNEL(preference_loss_backward_kernel), blocks_for(in.pairs),
+                       kThreads, at::cuda::getCurrentCUDAStream(), in, grad_losses, out);
 }
 
 }  // namespace tdpo_ext::cuda

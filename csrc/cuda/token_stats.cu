@@ -40,6 +40,7 @@
 
 #include "../dispatch.h"
 #include "../tdpo_math.h"
+#include "device.h"
 #include "launch.h"
 
 namespace tdpo_ext::cuda {
@@ -70,7 +71,7 @@ struct alignas(16) Pack {
 
 template <int kN, typename T>
 __device__ __forceinline__ void load_floats(const T* p, float* out) {
-  const Pack<T, kN> pack = *reinterpret_cast<const Pack<T, kN>*>(p);
+  const Pack<T, kN> pack = *vector_at<const Pack<T, kN>>(p);
 #pragma unroll
   for (int j = 0; j < kN; ++j) out[j] = static_cast<float>(pack.v[j]);
 }
@@ -80,7 +81,7 @@ __device__ __forceinline__ void store_floats(T* p, const float* in) {
   Pack<T, kN> pack;
 #pragma unroll
   for (int j = 0; j < kN; ++j) pack.v[j] = static_cast<T>(in[j]);
-  *reinterpret_cast<Pack<T, kN>*>(p) = pack;
+  *vector_at<Pack<T, kN>>(p) = pack;
 }
 
 template <typename T>
@@ -219,6 +220,11 @@ __device__ __forceinline__ SoftmaxPairState warp_merge(SoftmaxPairState s) {
 // The state of the team's whole row, complete in lane 0.
 template <int kTeam>
 __device__ __forceinline__ SoftmaxPairState team_merge(SoftmaxPairState s) {
+  // A team of several warps but not the whole block would call __syncthreads from part of
+  // the block (a hang, or undefined behaviour) and share warp_states with the block's
+  // other teams (a race): supporting one needs a per-team barrier and slots.
+  static_assert(kTeam == kWarp || kTeam == kBlockThreads,
+                "team_merge merges a warp or the whole block");
   s = warp_merge(s);
   if constexpr (kTeam > kWarp) {
     // The team is the block (one row per block): each shared slot is written once.
@@ -416,23 +422,18 @@ __global__ void __launch_bounds__(kBlockThreads)
 // ---------------------------------------------------------------------------------
 // Launchers (launch.h): the op implementations in ops_cuda.cpp check, allocate and raise.
 
-// Queues one row kernel of the launchers below: calls launch(team, blocks, stream), team
-// a std::integral_constant holding the threads per row (a warp up to kWarpRowMaxVocab
-// columns, else the whole block), blocks enough to cover the layout's rows; launch
-// instantiates the kernel for that team and queues it. Returns the launch's status.
+// Queues one row kernel of the launchers below: returns launch(team, blocks, stream),
+// team a std::integral_constant holding the threads per row (a warp up to
+// kWarpRowMaxVocab columns, else the whole block), blocks enough to cover the layout's
+// rows; launch instantiates the kernel for that team and queues it with launch_kernel.
 template <typename Launch>
 cudaError_t launch_rows(const RowLayout& layout, const Launch& launch) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool warp_per_row = layout.vocab <= kWarpRowMaxVocab;
   const int64_t rows_per_block = warp_per_row ? kBlockThreads / kWarp : 1;
-  const auto blocks =
-      static_cast<unsigned int>((layout.rows + rows_per_block - 1) / rows_per_block);
-  if (warp_per_row) {
-    launch(std::integral_constant<int, kWarp>{}, blocks, stream);
-  } else {
-    launch(std::integral_constant<int, kBlockThreads>{}, blocks, stream);
-  }
-  return cudaGetLastError();
+  const int64_t blocks = (layout.rows + rows_per_block - 1) / rows_per_block;
+  if (warp_per_row) return launch(std::integral_constant<int, kWarp>{}, blocks, stream);
+  return launch(std::integral_constant<int, kBlockThreads>{}, blocks, stream);
 }
 
 }  // namespace
@@ -445,11 +446,13 @@ cudaError_t launch_token_stats(const at::Tensor& policy_logits, const at::Tensor
   cudaError_t status = cudaSuccess;
   TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
                             "tdpo_ext::token_stats", [&] {
-    status = launch_rows(layout, [&](auto team, unsigned int blocks, cudaStream_t stream) {
-      token_stats_kernel<policy_t, ref_t, decltype(team)::value>
-          <<<blocks, kBlockThreads, 0, stream>>>(
-              policy_logits.data_ptr<policy_t>(), ref_logits.data_ptr<ref_t>(),
-              targets.data_ptr<int64_t>(), layout, ignore_index, out, first_bad);
+    status = launch_rows(layout, [&](auto team, int64_t blocks, cudaStream_t stream) {
+      return launch_kernel(
+          "tdpo_ext::token_stats",
+          TDPO_KERNEL(token_stats_kernel<policy_t, ref_t, decltype(team)::value>), blocks,
+          kBlockThreads, stream, policy_logits.data_ptr<policy_t>(),
+          ref_logits.data_ptr<ref_t>(), targets.data_ptr<int64_t>(), layout, ignore_index,
+          out, first_bad);
     });
   });
   return status;
@@ -463,12 +466,13 @@ cudaError_t launch_token_stats_tile(const at::Tensor& policy_logits,
   cudaError_t status = cudaSuccess;
   TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
                             "tdpo_ext::token_stats_tile", [&] {
-    status = launch_rows(layout, [&](auto team, unsigned int blocks, cudaStream_t stream) {
-      token_stats_tile_kernel<policy_t, ref_t, decltype(team)::value>
-          <<<blocks, kBlockThreads, 0, stream>>>(
-              policy_logits.data_ptr<policy_t>(), ref_logits.data_ptr<ref_t>(),
-              targets.data_ptr<int64_t>(), layout, ignore_index, vocab_start, state_in,
-              state_out);
+    status = launch_rows(layout, [&](auto team, int64_t blocks, cudaStream_t stream) {
+      return launch_kernel(
+          "tdpo_ext::token_stats_tile",
+          TDPO_KERNEL(token_stats_tile_kernel<policy_t, ref_t, decltype(team)::value>),
+          blocks, kBlockThreads, stream, policy_logits.data_ptr<policy_t>(),
+          ref_logits.data_ptr<ref_t>(), targets.data_ptr<int64_t>(), layout, ignore_index,
+          vocab_start, state_in, state_out);
     });
   });
   return status;
@@ -477,11 +481,11 @@ cudaError_t launch_token_stats_tile(const at::Tensor& policy_logits,
 cudaError_t launch_token_stats_finish(const at::Tensor& state, const at::Tensor& targets,
                                       int64_t ignore_index, const TokenStatsOut& out) {
   const int64_t rows = targets.numel();
-  const auto blocks = static_cast<unsigned int>((rows + kBlockThreads - 1) / kBlockThreads);
-  token_stats_finish_kernel<<<blocks, kBlockThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      state.data_ptr<float>(), targets.data_ptr<int64_t>(), rows, targets.size(1),
-      targets.stride(0), targets.stride(1), ignore_index, out);
-  return cudaGetLastError();
+  return launch_kernel("tdpo_ext::token_stats_finish", TDPO_KERNEL(token_stats_finish_kernel),
+                       (rows + kBlockThreads - 1) / kBlockThreads, kBlockThreads,
+                       at::cuda::getCurrentCUDAStream(), state.data_ptr<float>(),
+                       targets.data_ptr<int64_t>(), rows, targets.size(1), targets.stride(0),
+                       targets.stride(1), ignore_index, out);
 }
 
 cudaError_t launch_token_stats_backward(const at::Tensor& grad_logp_pol,
@@ -495,14 +499,15 @@ cudaError_t launch_token_stats_backward(const at::Tensor& grad_logp_pol,
   cudaError_t status = cudaSuccess;
   TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
                             "tdpo_ext::token_stats_backward", [&] {
-    status = launch_rows(layout, [&](auto team, unsigned int blocks, cudaStream_t stream) {
-      token_stats_backward_kernel<policy_t, ref_t, decltype(team)::value>
-          <<<blocks, kBlockThreads, 0, stream>>>(
-              grad_logp_pol.data_ptr<float>(), grad_token_kl.data_ptr<float>(),
-              policy_logits.data_ptr<policy_t>(), ref_logits.data_ptr<ref_t>(),
-              targets.data_ptr<int64_t>(), lse_pol.data_ptr<float>(),
-              lse_ref.data_ptr<float>(), layout, ignore_index, vocab_start,
-              grad.data_ptr<policy_t>());
+    status = launch_rows(layout, [&](auto team, int64_t blocks, cudaStream_t stream) {
+      return launch_kernel(
+          "tdpo_ext::token_stats_backward",
+          TDPO_KERNEL(token_stats_backward_kernel<policy_t, ref_t, decltype(team)::value>),
+          blocks, kBlockThreads, stream, grad_logp_pol.data_ptr<float>(),
+          grad_token_kl.data_ptr<float>(), policy_logits.data_ptr<policy_t>(),
+          ref_logits.data_ptr<ref_t>(), targets.data_ptr<int64_t>(),
+          lse_pol.data_ptr<float>(), lse_ref.data_ptr<float>(), layout, ignore_index,
+          vocab_start, grad.data_ptr<policy_t>());
     });
   });
   return status;
