@@ -22,8 +22,11 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TORCH_MINIMUM = "2.6"
+# `--no-build-isolation` builds with this environment's setuptools and ninja: a fresh
+# virtual environment has an old setuptools without bdist_wheel (Python 3.11) or none.
 NO_TORCH = ("tdpo-ext builds against the torch installed in this environment, and there is "
-            "none: run `pip install torch` first, then `pip install --no-build-isolation .`")
+            "none: run `pip install torch setuptools ninja` first, then "
+            "`pip install --no-build-isolation .`")
 
 
 def import_installed_torch():
@@ -51,8 +54,8 @@ def import_installed_torch():
     release = torch.__version__.split("+")[0]
     if tuple(map(int, release.split(".")[:2])) < tuple(map(int, TORCH_MINIMUM.split("."))):
         sys.exit(f"tdpo-ext needs torch >= {TORCH_MINIMUM}, and this environment has "
-                 f"{torch.__version__}: run `pip install -U torch` first, then "
-                 "`pip install --no-build-isolation .`")
+                 f"{torch.__version__}: run `pip install -U torch setuptools ninja` first, "
+                 "then `pip install --no-build-isolation .`")
     return torch, release
 
 
