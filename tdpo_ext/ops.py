@@ -139,8 +139,8 @@ NO_CUDA_KERNELS = (
     "tdpo_ext: CUDA tensors reached a build of tdpo_ext without CUDA kernels "
     "(tdpo_ext.built_with_cuda() is False: it was built where no CUDA toolkit was found, "
     "against a CPU-only torch, or with TDPO_EXT_CUDA=0). Rebuild it with nvcc on PATH or "
-    "CUDA_HOME set, e.g. `TDPO_EXT_CUDA=1 pip install --no-build-isolation .` (README.md, "
-    "Install), or keep the inputs on the CPU.")
+    "CUDA_HOME set, e.g. `TDPO_EXT_CUDA=1 pip install .` (README.md, Install), or keep the "
+    "inputs on the CPU.")
 
 
 def check_device_has_kernels(device: torch.device) -> None:

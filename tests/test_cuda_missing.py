@@ -90,7 +90,7 @@ def test_public_functions_refuse_cuda_in_a_build_without_cuda_kernels():
 def test_message_names_cause_and_fix():
     assert "without CUDA kernels" in NO_CUDA_KERNELS
     assert "nvcc on PATH or CUDA_HOME" in NO_CUDA_KERNELS
-    assert "pip install --no-build-isolation ." in NO_CUDA_KERNELS
+    assert "TDPO_EXT_CUDA=1 pip install ." in NO_CUDA_KERNELS
 
 
 def test_trainer_refuses_cuda_at_construction(monkeypatch, tmp_path):
