@@ -7,17 +7,59 @@ Environment:
   TORCH_CUDA_ARCH_LIST      CUDA architectures (default "8.0;9.0+PTX").
   CUDA_HOME                 the toolkit, if it is not where `nvcc` says it is.
 """
+import functools
 import glob
+import json
 import os
 import platform
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+TORCH_MINIMUM = "2.6"
+# `--no-build-isolation` builds with this environment's setuptools and ninja: a fresh
+# virtual environment has an old setuptools without bdist_wheel (Python 3.11) or none.
+NO_TORCH = ("tdpo-ext builds against the torch installed in this environment, and there is "
+            "none: run `pip install torch setuptools ninja` first, then "
+            "`pip install --no-build-isolation .`")
+
+
+def import_installed_torch():
+    """The torch of the environment this build installs into, which the extension must be
+    compiled against (its C++ ABI changes from release to release).
+
+    Under pip's build isolation (pyproject.toml) this process sees only the build
+    requirements, and torch is deliberately not one of them (pyproject.toml says why). The
+    environment's own import path is what this interpreter sees without pip's isolation
+    variables: it goes after the build environment's, so that setuptools and ninja still
+    come from the build environment and torch from the user's."""
+    try:
+        import torch
+    except ImportError:
+        outside = {k: v for k, v in os.environ.items()
+                   if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+        probe = subprocess.run(
+            [sys.executable, "-c", "import json, sys, torch; print(json.dumps(sys.path))"],
+            env=outside, capture_output=True, text=True)
+        if probe.returncode != 0:
+            sys.exit(NO_TORCH)
+        sys.path += [p for p in json.loads(probe.stdout.splitlines()[-1])
+                     if p and p not in sys.path]
+        import torch
+    release = torch.__version__.split("+")[0]
+    if tuple(map(int, release.split(".")[:2])) < tuple(map(int, TORCH_MINIMUM.split("."))):
+        sys.exit(f"tdpo-ext needs torch >= {TORCH_MINIMUM}, and this environment has "
+                 f"{torch.__version__}: run `pip install -U torch setuptools ninja` first, "
+                 "then `pip install --no-build-isolation .`")
+    return torch, release
+
+
+torch, TORCH_RELEASE = import_installed_torch()
 
 
 def read_build_list(path=os.path.join(ROOT, "csrc", "build.txt")):
@@ -69,10 +111,12 @@ def cuda_home_from_nvcc():
     return home if os.path.exists(os.path.join(home, "bin", "nvcc")) else None
 
 
+NO_TOOLKIT = "no nvcc on PATH and no CUDA_HOME"
+
+
+@functools.cache  # sets CUDA_HOME once; the end-of-build notice reads the answer again
 def want_cuda():
     """(build CUDA?, why), from TDPO_EXT_CUDA, torch's build and the toolkit."""
-    import torch
-
     forced = os.environ.get("TDPO_EXT_CUDA", "").strip().lower()
     if forced in ("0", "false", "off", "no"):
         return False, "TDPO_EXT_CUDA=0"
@@ -89,7 +133,7 @@ def want_cuda():
         if forced:
             raise RuntimeError("TDPO_EXT_CUDA=1 but no CUDA toolkit was found: put nvcc on "
                                "PATH or set CUDA_HOME")
-        return False, "no nvcc on PATH and no CUDA_HOME"
+        return False, NO_TOOLKIT
     return True, f"CUDA toolkit at {os.environ['CUDA_HOME']}"
 
 
@@ -214,7 +258,10 @@ setup(
     packages=find_packages(include=["tdpo_ext", "tdpo_ext.*"]),
     package_data={"tdpo_ext.training": ["assets/*"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy"],
+    # The torch release the extension was compiled against, and only it: pip then refuses
+    # (or flags) a torch that the extension cannot load with. The build itself needs
+    # torch >= TORCH_MINIMUM.
+    install_requires=[f"torch=={TORCH_RELEASE}", "numpy"],
     extras_require={
         "test": ["pytest", "hypothesis", "numpy"],
         # The embedded default needs only tqdm and matplotlib (and vadersentiment for the
@@ -230,3 +277,19 @@ setup(
                                       "tdpo-experiment=tdpo_ext.training.experiment:main",
                                       "tdpo-trl=tdpo_ext.trl_cli:cli"]},
 )
+
+
+def print_cpu_only_notice():
+    """The last lines of a build that left out the CUDA kernels although torch has CUDA:
+    what the user gets, and how to get the kernels."""
+    with_cuda, why = want_cuda()
+    if with_cuda or why != NO_TOOLKIT:
+        return
+    sys.stderr.flush()
+    print(f"tdpo_ext: built WITHOUT CUDA kernels: torch {torch.__version__} has CUDA, but "
+          f"no CUDA toolkit was found ({NO_TOOLKIT}). The CPU ops work; CUDA tensors will "
+          "raise. For the CUDA kernels, put nvcc on PATH or set CUDA_HOME and rebuild; "
+          "TDPO_EXT_CUDA=1 makes the build fail instead of leaving them out.", flush=True)
+
+
+print_cpu_only_notice()

@@ -12,7 +12,7 @@ def _extension_error(error: ImportError) -> ImportError:
     here = os.path.dirname(os.path.abspath(__file__))
     builds = [path for suffix in importlib.machinery.EXTENSION_SUFFIXES
               for path in glob.glob(os.path.join(here, "_C" + suffix))]
-    how = ("build it with `pip install --no-build-isolation .` from the repository root, "
+    how = ("build it with `pip install .` from the repository root, "
            "or in place with `python setup.py build_ext --inplace` (README.md, Install)")
     if not builds:
         return ImportError(f"tdpo_ext: the C++/CUDA extension tdpo_ext._C is not built (no "

@@ -33,7 +33,7 @@ from trl.trainer.utils import get_config_model_id, use_adapter
 
 from .fused_linear import fused_linear_sequence_stats
 from .lm_head import LMHead, add_fused_head, head_inputs, lm_head_of, verify_lm_head
-from .ops import pairwise_output, sequence_stats
+from .ops import check_device_has_kernels, pairwise_output, sequence_stats
 from .trl_datasets import check_preference_dataset
 
 __all__ = ["TDPOConfig", "TDPOTrainer", "LOSS_TYPES"]
@@ -169,6 +169,7 @@ class TDPOTrainer(DPOTrainer):
             raise TypeError(f"TDPOTrainer takes a TDPOConfig, got {type(args).__name__}: "
                             "TDPOConfig(**your_dpo_config.to_dict()) converts one, with "
                             "loss_type='tdpo2'")
+        check_device_has_kernels(args.device)  # a CPU-only build on a GPU: now, not at step 1
         # Before TRL's dataset preparation, whose errors on bad rows name neither row nor column.
         train_dataset = check_preference_dataset(train_dataset, "train")
         if isinstance(eval_dataset, dict):
