@@ -79,17 +79,24 @@ TDPO_HD float rebased_ref_diff_sum(const SoftmaxPairState& a, float max_pol, flo
   return ref_scale * (a.ref_diff_sum + a.sum_ref * gap_change);
 }
 
+// a_sum * a_scale + b_sum * b_scale, rounded as written here rather than as the compiler
+// may contract it (a * b + c into an fma), which it is free to do for one model's sum and
+// not for the other's: identical models then get bitwise equal sums, and a KL of exactly 0.
+TDPO_HD float rescaled_sum(float a_sum, float a_scale, float b_sum, float b_scale) {
+  return fmaf(a_sum, a_scale, b_sum * b_scale);
+}
+
 // Combines two partial states (for instance two vocabulary chunks, two SIMD lanes or
 // two CUDA threads) into the state of their union.
 TDPO_HD SoftmaxPairState merge_states(const SoftmaxPairState& a, const SoftmaxPairState& b) {
   SoftmaxPairState out;
   out.max_pol = fmaxf(a.max_pol, b.max_pol);
-  out.sum_pol = a.sum_pol * rescale_factor(a.max_pol, out.max_pol) +
-                b.sum_pol * rescale_factor(b.max_pol, out.max_pol);
+  out.sum_pol = rescaled_sum(a.sum_pol, rescale_factor(a.max_pol, out.max_pol), b.sum_pol,
+                             rescale_factor(b.max_pol, out.max_pol));
   out.max_ref = fmaxf(a.max_ref, b.max_ref);
   const float scale_a = rescale_factor(a.max_ref, out.max_ref);
   const float scale_b = rescale_factor(b.max_ref, out.max_ref);
-  out.sum_ref = a.sum_ref * scale_a + b.sum_ref * scale_b;
+  out.sum_ref = rescaled_sum(a.sum_ref, scale_a, b.sum_ref, scale_b);
   out.ref_diff_sum = rebased_ref_diff_sum(a, out.max_pol, out.max_ref, scale_a) +
                      rebased_ref_diff_sum(b, out.max_pol, out.max_ref, scale_b);
   return out;
