@@ -24,8 +24,8 @@ ULPS = 8
 # token_kl is computed in each row's maxima's frame (csrc/tdpo_math.h), so its bound
 # is KL_ULPS * EPS32 * kl_magnitude (oracle.kl_frame_magnitude): the size of the rows'
 # spread and of the models' difference, not of the logits, so that it does not grow when
-# a constant is added to the logits. Measured on CPU over the property tests' cases:
-# errors up to 0.5 * EPS32 * kl_magnitude.
+# a constant is added to the logits. Measured on CPU over 150 random cases at offsets
+# 0 to 1e4, whole rows and tiles: errors up to 0.8 * EPS32 * kl_magnitude.
 KL_ULPS = 8
 # The absolute targets on the case of issue 23, float32 policy logits 3 N(0, 1) + offset
 # and reference logits = policy + 0.01 N(0, 1), T = 512, V = 32000, offsets 0, 30 and 100
