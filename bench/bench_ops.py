@@ -11,7 +11,10 @@ of its own, so that no implementation's allocations or compiled code are counted
 another. On CPU the timing runs twice, with torch's default allocator and with
 THP_MEM_ALLOC_ENABLE=1 (2 MiB-aligned allocations backed by transparent huge pages), since
 the first-touch page faults of a fresh (N, T, V) gradient can cost as much as a kernel.
-See bench/README.md.
+With --baseline DIR the script instead times this checkout's op against another build
+of it (DIR holds a tdpo_ext package, e.g. a copy of main's with its _C*.so): worker
+processes of the two builds alternate, round after round, and the section reports the
+time ratio of each round. See bench/README.md.
 """
 from __future__ import annotations
 
@@ -29,7 +32,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the in-place build of tdpo_ext
+# The in-place build of tdpo_ext, or in a worker of --baseline the other build's directory.
+PACKAGE_ROOT_ENV = "TDPO_BENCH_PACKAGE_ROOT"
+sys.path.insert(0, os.environ.get(PACKAGE_ROOT_ENV, str(Path(__file__).resolve().parents[1])))
 import tdpo_ext  # noqa: E402
 from peak_memory import PeakMemory, require_device  # noqa: E402  (bench/, this script's folder)
 from tdpo_ext.ops import pairwise_output  # noqa: E402
@@ -50,6 +55,7 @@ DEFAULT_SHAPES = {
 }
 QUICK_SHAPES = "4x128x4096:float32,4x128x4096:bfloat16"
 DEFAULT_REPS = {"cpu": 5, "cuda": 20}
+DEFAULT_ROUNDS = 6  # --baseline: worker processes per build, alternating
 WARMUP_CALLS = {"cpu": 1, "cuda": 3}  # the first call of each also pays for compilation
 COPY_BYTES = 1 << 30  # large enough that no cache holds it
 
@@ -208,13 +214,14 @@ def input_set_count(case: Case, device: str, requested: int) -> int:
     return max(1, min(requested, budget // per_set))
 
 
-def timing_worker(case: Case, device: str, reps: int, input_sets: int) -> dict:
+def timing_worker(case: Case, device: str, reps: int, input_sets: int,
+                  impls: tuple[str, ...] = IMPLS) -> dict:
     load_before = os.getloadavg()[0]  # other jobs on a shared machine inflate the times
     timer = make_timer(device)
     bandwidth = copy_bandwidth(device, timer)
     sets = [make_inputs(case, device, seed) for seed in range(input_set_count(case, device,
                                                                                input_sets))]
-    fns = {impl: loss_fn(impl) for impl in IMPLS}
+    fns = {impl: loss_fn(impl) for impl in impls}
     calls = 0
 
     def timed(impl):
@@ -226,7 +233,7 @@ def timing_worker(case: Case, device: str, reps: int, input_sets: int) -> dict:
         return timer(lambda: fwd_bwd(fns[impl], inputs))
 
     first_call, failed = {}, {}
-    for impl in IMPLS:
+    for impl in impls:
         try:
             first_call[impl] = timed(impl)
             for _ in range(WARMUP_CALLS[device] - 1):
@@ -237,9 +244,10 @@ def timing_worker(case: Case, device: str, reps: int, input_sets: int) -> dict:
             log(f"  {impl}: {err}")
         log(f"  {impl}: first call {first_call.get(impl, float('nan')):.2f} s")
 
-    times = {impl: [] for impl in IMPLS if impl not in failed}
+    times = {impl: [] for impl in impls if impl not in failed}
     for rep in range(reps):
-        order = [impl for impl in IMPLS[rep % 3:] + IMPLS[:rep % 3] if impl in times]
+        order = [impl for impl in impls[rep % len(impls):] + impls[:rep % len(impls)]
+                 if impl in times]
         for impl in order:
             times[impl].append(timed(impl))
         log(f"  rep {rep + 1}/{reps}: " + ", ".join(f"{i} {times[i][-1] * 1e3:.0f} ms"
@@ -247,7 +255,8 @@ def timing_worker(case: Case, device: str, reps: int, input_sets: int) -> dict:
     return dict(median_s={impl: statistics.median(ts) for impl, ts in times.items()},
                 times_s=times, first_call_s=first_call, failed=failed,
                 bytes=bytes_moved(case, sets[0]), copy_gbps=bandwidth, input_sets=len(sets),
-                threads=torch.get_num_threads(), load=[load_before, os.getloadavg()[0]])
+                threads=torch.get_num_threads(), load=[load_before, os.getloadavg()[0]],
+                package=str(Path(tdpo_ext.__file__).parent))
 
 
 def memory_worker(case: Case, device: str, impl: str) -> dict:
@@ -445,8 +454,59 @@ def render(device: str, results: dict, reps: int) -> str:
     return "\n".join(header + rows + memory + method + [""] + target_lines(device, results)) + "\n"
 
 
+def render_builds(device: str, results: dict, reps: int, baseline: Path) -> str:
+    """The section of a --baseline run: per shape, each build's median over rounds of its
+    workers' median times, and the ratio this / baseline of every round."""
+    first = next(iter(results.values()))
+    header = [
+        f"## tdpo_loss forward+backward, this build / baseline build, {device}: "
+        f"{machine_name(device)} "
+        f"({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)",
+        "",
+        f"torch {torch.__version__}; this build {first['package']['this']}, baseline "
+        f"{first['package']['baseline']} (--baseline {baseline}); CPU kernels: "
+        f"{tdpo_ext._C.cpu_kernel_capability()}; variant {HYPER['variant']}. Each round "
+        f"runs one worker process per build, the order alternating round by round; a "
+        f"worker's time is the median of {reps} calls after 1 warm-up.",
+        "",
+        "| N×T×V | dtype | rounds | this ms | baseline ms | this / baseline: median "
+        "(min–max) of the rounds' ratios | load |",
+        "|---|---|--:|--:|--:|--:|--:|",
+    ]
+    rows = []
+    for key, res in results.items():
+        case, ratios = Case.parse(key), res["ratios"]
+        loads = [x for load in res["load"] for x in load]
+        rows.append("| " + " | ".join([
+            *shape_cells(case), str(len(ratios)),
+            fmt(statistics.median(res["times_s"]["this"]) * 1e3),
+            fmt(statistics.median(res["times_s"]["baseline"]) * 1e3),
+            f"{statistics.median(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f})",
+            f"{min(loads):.1f}–{max(loads):.1f}"]) + " |")
+    return "\n".join(header + rows) + "\n"
+
+
 # ---------------------------------------------------------------------------------------
 # Driver
+
+def compare_builds(case: Case, device: str, reps: int, rounds: int, baseline: Path) -> dict:
+    """This build's op against the baseline's, one worker process per build and round."""
+    this_env = {k: v for k, v in os.environ.items() if k != PACKAGE_ROOT_ENV}
+    envs = {"this": this_env, "baseline": {**this_env, PACKAGE_ROOT_ENV: str(baseline)}}
+    argv = ["--worker", "timing", "--impl", "ours", "--case", str(case), "--device", device,
+            "--reps", str(reps), "--input-sets", "1"]
+    times, package, load = {b: [] for b in envs}, {}, []
+    for round_ in range(rounds):
+        for build in (list(envs) if round_ % 2 == 0 else list(envs)[::-1]):
+            res = run_worker(argv, envs[build])
+            times[build].append(res["median_s"]["ours"])
+            package[build] = res["package"]
+            load.append(res["load"])
+        log(f"{case}: round {round_ + 1}/{rounds}: this {times['this'][-1] * 1e3:.0f} ms, "
+            f"baseline {times['baseline'][-1] * 1e3:.0f} ms")
+    ratios = [t / b for t, b in zip(times["this"], times["baseline"])]
+    return dict(times_s=times, ratios=ratios, package=package, load=load)
+
 
 def bench_case(case: Case, device: str, reps: int, input_sets: int) -> dict:
     base_env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
@@ -478,10 +538,15 @@ def parse_args():
                          "GB-sized tensors cannot stay in cache)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", type=Path, help="append the markdown section to this file")
+    ap.add_argument("--baseline", type=Path,
+                    help="a directory holding another build of the tdpo_ext package: time "
+                         "this build's op against it instead (see the module docstring)")
+    ap.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
+                    help=f"--baseline: worker processes per build (default {DEFAULT_ROUNDS})")
     # Internal: what a subprocess measures.
     ap.add_argument("--worker", choices=("timing", "memory"), help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
-    ap.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
+    ap.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)  # one, or all (timing)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     return ap.parse_args()
 
@@ -496,17 +561,25 @@ def main() -> None:
 
     if args.worker:
         case = Case.parse(args.case)
-        result = (timing_worker(case, args.device, reps, input_sets) if args.worker == "timing"
-                  else memory_worker(case, args.device, args.impl))
+        impls = (args.impl,) if args.impl else IMPLS
+        result = (timing_worker(case, args.device, reps, input_sets, impls)
+                  if args.worker == "timing" else memory_worker(case, args.device, args.impl))
         args.result.write_text(json.dumps(result))
         return
 
     shapes = QUICK_SHAPES if args.quick else args.shapes or DEFAULT_SHAPES[args.device]
     section_start = start_section(args.out) if args.out else None
+    if args.baseline and not (args.baseline / "tdpo_ext" / "__init__.py").is_file():
+        sys.exit(f"--baseline {args.baseline}: no tdpo_ext package in that directory")
     results = {}
     for case in map(Case.parse, shapes.split(",")):
-        results[str(case)] = bench_case(case, args.device, reps, input_sets)
-        section = render(args.device, results, reps)
+        if args.baseline:
+            results[str(case)] = compare_builds(case, args.device, reps, args.rounds,
+                                                args.baseline.resolve())
+            section = render_builds(args.device, results, reps, args.baseline)
+        else:
+            results[str(case)] = bench_case(case, args.device, reps, input_sets)
+            section = render(args.device, results, reps)
         if args.out:
             write_section(args.out, section_start, section)
     print(section)

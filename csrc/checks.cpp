@@ -232,4 +232,10 @@ void fail_bad_label(int64_t row, int64_t position, int64_t label, int64_t vocab,
   TORCH_CHECK(false, bad_label_message(row, position, label, vocab, ignore_index));
 }
 
+void fail_bad_label_at(const at::Tensor& targets, int64_t flat_index, int64_t vocab,
+                       int64_t ignore_index) {
+  const int64_t n = flat_index / targets.size(1), t = flat_index % targets.size(1);
+  fail_bad_label(n, t, targets.select(0, n).select(0, t).item<int64_t>(), vocab, ignore_index);
+}
+
 }  // namespace tdpo_ext

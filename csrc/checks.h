@@ -118,4 +118,10 @@ std::string bad_label_message(int64_t row, int64_t position, int64_t label, int6
 [[noreturn]] void fail_bad_label(int64_t row, int64_t position, int64_t label, int64_t vocab,
                                  int64_t ignore_index);
 
+// The same error for the label at flat index n * T + t of targets (N, T): what the
+// token_stats kernels of both devices record, the smallest bad index (smallest row, then
+// smallest position), so that both name the same label whatever the order of their work.
+[[noreturn]] void fail_bad_label_at(const at::Tensor& targets, int64_t flat_index,
+                                    int64_t vocab, int64_t ignore_index);
+
 }  // namespace tdpo_ext

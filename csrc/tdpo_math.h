@@ -19,13 +19,18 @@
 
 namespace tdpo_ext {
 
-// Running softmax statistics of one vocabulary row of both models, in the frame of
-// each row's running maximum:
-//   sum_pol        = sum_v exp(x_v - max_pol)
-//   sum_ref        = sum_v exp(r_v - max_ref)
-//   ref_diff_sum   = sum_v exp(r_v - max_ref) * (r_v - x_v)
-// where x are the policy logits and r the reference logits. KL(ref || pol) follows
-// from these without a second pass: KL = ref_diff_sum / sum_ref - lse_ref + lse_pol.
+// Running softmax statistics of one vocabulary row of both models, each model's sums
+// taken in the frame of its running maximum, s_pol = exp_shift(max_pol) and
+// s_ref = exp_shift(max_ref):
+//   sum_pol      = sum_v exp(x_v - s_pol)
+//   sum_ref      = sum_v exp(r_v - s_ref)
+//   ref_diff_sum = sum_v exp(r_v - s_ref) * ((r_v - s_ref) - (x_v - s_pol))
+// where x are the policy logits and r the reference logits. KL(ref || pol) follows from
+// these without a second pass: KL = ref_diff_sum / sum_ref - log(sum_ref) + log(sum_pol)
+// (token_kl_of). Every term there has the size of the KL and of log(V), whatever the
+// size of the logits: a constant added to a row (which leaves its distribution unchanged)
+// cancels in each difference before it is rounded, where lse_ref - lse_pol would round
+// both logsumexps on the scale of the logits first.
 struct SoftmaxPairState {
   float max_pol;
   float sum_pol;
@@ -49,26 +54,62 @@ TDPO_HD float rescale_factor(float old_max, float new_max) {
 // exp(-inf - -inf) = NaN; merge_states later discards that chunk's empty state.
 TDPO_HD float exp_shift(float chunk_max) { return chunk_max == -INFINITY ? 0.f : chunk_max; }
 
+// The gap between the two models' frames, s_ref - s_pol. Both shifts are maxima of
+// nearby logits for nearby models, so the difference is exact or rounded on the scale of
+// the gap, not of the logits.
+TDPO_HD float frame_gap(float max_pol, float max_ref) {
+  return exp_shift(max_ref) - exp_shift(max_pol);
+}
+
+// One element's contribution to ref_diff_sum in a frame whose gap is `gap`:
+// exp(r - s_ref) * ((r - s_ref) - (x - s_pol)), written as (r - x) - gap so that each
+// difference is rounded on the scale of the models' difference. A reference probability
+// of exactly 0 contributes 0 even where both logits are -inf (whose difference is NaN):
+// the KL term q log(q/p) is 0 when q is 0.
+TDPO_HD float ref_diff_term(float ref_exp, float ref_logit, float pol_logit, float gap) {
+  return ref_exp == 0.f ? 0.f : ref_exp * ((ref_logit - pol_logit) - gap);
+}
+
+// a's ref_diff_sum moved into the frame of the maxima (max_pol, max_ref) and rescaled by
+// ref_scale = exp(a.max_ref - max_ref): every element's (r - s_ref) - (x - s_pol) changes
+// by the change of the gap between the frames. An empty part (sum_ref = 0) gives 0.
+TDPO_HD float rebased_ref_diff_sum(const SoftmaxPairState& a, float max_pol, float max_ref,
+                                   float ref_scale) {
+  const float gap_change = frame_gap(a.max_pol, a.max_ref) - frame_gap(max_pol, max_ref);
+  return ref_scale * (a.ref_diff_sum + a.sum_ref * gap_change);
+}
+
+// a_sum * a_scale + b_sum * b_scale, rounded as written here rather than as the compiler
+// may contract it (a * b + c into an fma), which it is free to do for one model's sum and
+// not for the other's: identical models then get bitwise equal sums, and a KL of exactly 0.
+TDPO_HD float rescaled_sum(float a_sum, float a_scale, float b_sum, float b_scale) {
+  return fmaf(a_sum, a_scale, b_sum * b_scale);
+}
+
 // Combines two partial states (for instance two vocabulary chunks, two SIMD lanes or
 // two CUDA threads) into the state of their union.
 TDPO_HD SoftmaxPairState merge_states(const SoftmaxPairState& a, const SoftmaxPairState& b) {
   SoftmaxPairState out;
   out.max_pol = fmaxf(a.max_pol, b.max_pol);
-  out.sum_pol = a.sum_pol * rescale_factor(a.max_pol, out.max_pol) +
-                b.sum_pol * rescale_factor(b.max_pol, out.max_pol);
+  out.sum_pol = rescaled_sum(a.sum_pol, rescale_factor(a.max_pol, out.max_pol), b.sum_pol,
+                             rescale_factor(b.max_pol, out.max_pol));
   out.max_ref = fmaxf(a.max_ref, b.max_ref);
   const float scale_a = rescale_factor(a.max_ref, out.max_ref);
   const float scale_b = rescale_factor(b.max_ref, out.max_ref);
-  out.sum_ref = a.sum_ref * scale_a + b.sum_ref * scale_b;
-  out.ref_diff_sum = a.ref_diff_sum * scale_a + b.ref_diff_sum * scale_b;
+  out.sum_ref = rescaled_sum(a.sum_ref, scale_a, b.sum_ref, scale_b);
+  out.ref_diff_sum = rebased_ref_diff_sum(a, out.max_pol, out.max_ref, scale_a) +
+                     rebased_ref_diff_sum(b, out.max_pol, out.max_ref, scale_b);
   return out;
 }
 
-// One element's contribution to ref_diff_sum: exp(r - max_ref) * (r - x). A reference
-// probability of exactly 0 contributes 0 even where both logits are -inf (whose
-// difference is NaN): the KL term q log(q/p) is 0 when q is 0.
-TDPO_HD float ref_diff_term(float ref_exp, float ref_logit, float pol_logit) {
-  return ref_exp == 0.f ? 0.f : ref_exp * (ref_logit - pol_logit);
+// KL(ref || pol) of a row's state: E_q[(r - s_ref) - (x - s_pol)] - log(sum_ref) +
+// log(sum_pol) = sum_v q_v (log q_v - log p_v), the two logs taken as one of their ratio
+// (a row's sums lie in [1, V]: its maximum contributes exp(0) = 1). The KL is >= 0
+// (Gibbs' inequality); a negative result is rounding error, and 0 is nearer the true
+// value than it, so it becomes 0 (NaN stays NaN).
+TDPO_HD float token_kl_of(const SoftmaxPairState& s) {
+  const float kl = s.ref_diff_sum / s.sum_ref + logf(s.sum_pol / s.sum_ref);
+  return kl < 0.f ? 0.f : kl;
 }
 
 // Per-token results of the forward pass.
@@ -87,8 +128,7 @@ TDPO_HD TokenStats finish_token_stats(const SoftmaxPairState& s, float pol_label
   out.lse_ref = s.max_ref + logf(s.sum_ref);
   out.logp_pol = pol_label_logit - out.lse_pol;
   out.logp_ref = ref_label_logit - out.lse_ref;
-  // E_q[r - x] - lse_ref + lse_pol = sum_v q_v (log q_v - log p_v).
-  out.token_kl = s.ref_diff_sum / s.sum_ref - out.lse_ref + out.lse_pol;
+  out.token_kl = token_kl_of(s);
   return out;
 }
 

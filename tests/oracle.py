@@ -32,6 +32,7 @@ class TokenTerms(NamedTuple):
     lse_pol: torch.Tensor    # logsumexp of each policy row
     lse_ref: torch.Tensor    # logsumexp of each reference row
     magnitude: torch.Tensor  # sum of |terms| the three values are computed from; 0 if masked
+    kl_magnitude: torch.Tensor  # the same for token_kl in the maxima's frame; 0 if masked
 
 
 def token_terms(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
@@ -61,12 +62,32 @@ def token_terms(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: t
         # token_kl = E_q[r - x] - lse_ref + lse_pol: each part is rounded on its own scale.
         expected_gap = (q * torch.where(support, (r - x).abs(), 0.0)).sum(-1)
         magnitude = label_logits + lse_pol.abs() + lse_ref.abs() + expected_gap
+        kl_magnitude = kl_frame_magnitude(x, r, logp_x.exp(), q)
 
     def masked(t):
         return torch.where(mask, t, 0.0)
 
     return TokenTerms(masked(logp_pol), masked(logp_ref), masked(token_kl), mask, targets,
-                      logp_x.detach(), logp_r, lse_pol, lse_ref, masked(magnitude))
+                      logp_x.detach(), logp_r, lse_pol, lse_ref, masked(magnitude),
+                      masked(kl_magnitude))
+
+
+def kl_frame_magnitude(x, r, p, q):
+    """Sum of |terms| of KL = E_q[(r - x) - (max_r - max_x)] + log(sum_x / sum_r) with
+    each model's sums taken relative to its row maximum (sum_x = sum_v exp(x_v - max_x)):
+    the exponentials' arguments x - max_x and r - max_r, the differences r - x and
+    max_r - max_x, the two logs, and 1 for the relative rounding of the sums. Each is
+    the size of a row's spread or of the models' difference: adding a constant to both
+    models' logits leaves it unchanged."""
+    max_x, max_r = x.amax(-1, keepdim=True), r.amax(-1, keepdim=True)
+    log_sum_x = (x - max_x).logsumexp(-1)
+    log_sum_r = (r - max_r).logsumexp(-1)
+
+    def expect(weights, values):  # 0 * inf is 0 here: a zero probability adds nothing
+        return (weights * torch.where(weights > 0, values.abs(), 0.0)).sum(-1)
+
+    return (1 + log_sum_x.abs() + log_sum_r.abs() + expect(p, x - max_x) + expect(q, r - max_r)
+            + expect(q, r - x) + (max_r - max_x).squeeze(-1).abs())
 
 
 class SequenceStats(NamedTuple):

@@ -455,3 +455,19 @@ def test_input_errors():
         tdpo_loss(logits, logits, bad)
     assert "holds 20 at row 2 (predicted by logits position 2)" in str(fused_error.value)
     assert str(op_error.value).splitlines()[0] == str(fused_error.value)
+
+
+def test_first_bad_label_as_the_op(device):
+    """Several bad labels: the fused ops name the same one as token_stats does, the
+    first (smallest row, then smallest position)."""
+    hidden = torch.zeros(2, 8192, 4, device=device)
+    weight = torch.zeros(8, 4, device=device)
+    labels = torch.zeros(2, 8192, dtype=torch.int64, device=device)
+    labels[0, 8001], labels[0, 8100], labels[1, 1], labels[1, 5] = 9, -7, 8, 12
+    with pytest.raises(ValueError) as fused_error:
+        tdpo_ext.fused_linear_sequence_stats(hidden, weight, hidden, weight, labels)
+    logits = torch.zeros(2, 8192, 8, device=device)
+    with pytest.raises(RuntimeError) as op_error:
+        tdpo_ext.sequence_stats(logits, logits, labels)
+    assert "holds 9 at row 0 (predicted by logits position 8000)" in str(fused_error.value)
+    assert str(op_error.value).splitlines()[0] == str(fused_error.value)

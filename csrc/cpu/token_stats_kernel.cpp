@@ -11,6 +11,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 
@@ -80,7 +81,8 @@ SoftmaxPairState chunk_state(const P* x, const R* r, int64_t len) {
   }
 
   const float shift_x = exp_shift(max_x), shift_r = exp_shift(max_r);
-  const Vec vshift_x(shift_x), vshift_r(shift_r), zero(0.f);
+  const float gap = frame_gap(max_x, max_r);
+  const Vec vshift_x(shift_x), vshift_r(shift_r), vgap(gap), zero(0.f);
   Vec sum_x(0.f), sum_r(0.f), diff_sum(0.f);
   for (int64_t v = 0; v < vec_end; v += kLanes) {
     const Vec xv = load_as_float(x + v);
@@ -89,7 +91,7 @@ SoftmaxPairState chunk_state(const P* x, const R* r, int64_t len) {
     const Vec er = (rv - vshift_r).exp_u20();
     sum_r += er;
     // ref_diff_term, lane-wise: an underflowed reference probability contributes 0.
-    diff_sum += Vec::blendv(er * (rv - xv), zero, er == zero);
+    diff_sum += Vec::blendv(er * ((rv - xv) - vgap), zero, er == zero);
   }
   SoftmaxPairState s{max_x, hsum(sum_x), max_r, hsum(sum_r), hsum(diff_sum)};
   for (int64_t v = vec_end; v < len; ++v) {
@@ -97,7 +99,7 @@ SoftmaxPairState chunk_state(const P* x, const R* r, int64_t len) {
     const float er = std::exp(rv - shift_r);
     s.sum_pol += std::exp(xv - shift_x);
     s.sum_ref += er;
-    s.ref_diff_sum += ref_diff_term(er, rv, xv);
+    s.ref_diff_sum += ref_diff_term(er, rv, xv, gap);
   }
   return s;
 }
@@ -115,8 +117,8 @@ SoftmaxPairState row_state(const P* x, const R* r, int64_t len) {
 // Tokens per parallel task: enough vocabulary work to amortize scheduling.
 inline int64_t grain_for(int64_t vocab) { return std::max<int64_t>(1, 32768 / vocab); }
 
-// Calls row_fn(i, n, t, y, x, r) for every token i = n * T + t of the batch, in parallel
-// over tokens: y is its label (unchecked), x and r its policy and reference rows.
+// Calls row_fn(i, y, x, r) for every token i = n * T + t of the batch, in parallel over
+// tokens: y is its label (unchecked), x and r its policy and reference rows.
 template <typename P, typename R, typename RowFn>
 void for_each_row(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
                   const at::Tensor& targets, const RowFn& row_fn) {
@@ -127,27 +129,43 @@ void for_each_row(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
   at::parallel_for(0, policy_logits.size(0) * T, grain_for(V), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / T, t = i % T;
-      row_fn(i, n, t, tgt[n * targets.stride(0) + t * targets.stride(1)],
+      row_fn(i, tgt[n * targets.stride(0) + t * targets.stride(1)],
              pol + n * policy_logits.stride(0) + t * policy_logits.stride(1),
              ref + n * ref_logits.stride(0) + t * ref_logits.stride(1));
     }
   });
 }
 
+// Lowers `target` to `value` if value is smaller (std::atomic has no fetch_min before C++26).
+inline void atomic_lower(std::atomic<int64_t>& target, int64_t value) {
+  int64_t current = target.load(std::memory_order_relaxed);
+  while (value < current &&
+         !target.compare_exchange_weak(current, value, std::memory_order_relaxed)) {
+  }
+}
+
+// A bad label is not raised from inside the parallel loop, where whichever chunk throws
+// first would be named: as on CUDA, every chunk records its bad tokens and the smallest
+// one is raised after the loop.
 template <typename P, typename R>
 void forward_impl(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
                   const at::Tensor& targets, int64_t ignore_index, const TokenStatsOut& out) {
   const int64_t V = policy_logits.size(2);
+  constexpr int64_t kNoBadRow = std::numeric_limits<int64_t>::max();
+  std::atomic<int64_t> first_bad_row{kNoBadRow};
   for_each_row<P, R>(policy_logits, ref_logits, targets,
-                     [&](int64_t i, int64_t n, int64_t t, int64_t y, const P* x, const R* r) {
-    if (y == ignore_index) {
+                     [&](int64_t i, int64_t y, const P* x, const R* r) {
+    const bool masked = y == ignore_index;
+    if (masked || y < 0 || y >= V) {
+      if (!masked) atomic_lower(first_bad_row, i);
       out.write_masked(i);
       return;
     }
-    if (y < 0 || y >= V) fail_bad_label(n, t, y, V, ignore_index);
     out.write(i, finish_token_stats(row_state(x, r, V), static_cast<float>(x[y]),
                                     static_cast<float>(r[y])));
   });
+  const int64_t bad_row = first_bad_row.load();
+  if (bad_row != kNoBadRow) fail_bad_label_at(targets, bad_row, V, ignore_index);
 }
 
 // Folds the tile of columns [vocab_start, vocab_start + V) into each unmasked token's
@@ -159,7 +177,7 @@ void tile_impl(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
                const float* state_in, float* state_out) {
   const int64_t V = policy_logits.size(2);
   for_each_row<P, R>(policy_logits, ref_logits, targets,
-                     [&](int64_t i, int64_t, int64_t, int64_t y, const P* x, const R* r) {
+                     [&](int64_t i, int64_t y, const P* x, const R* r) {
     float* out = state_out + i * kTileStateFloats;
     if (y == ignore_index) {
       store_tile_state(out, masked_tile_state());
@@ -207,7 +225,7 @@ void backward_impl(const at::Tensor& grad_logp_pol, const at::Tensor& grad_token
   P* grad = grad_policy_logits.data_ptr<P>();
 
   for_each_row<P, R>(policy_logits, ref_logits, targets,
-                     [&](int64_t i, int64_t, int64_t, int64_t y, const P* x, const R* r) {
+                     [&](int64_t i, int64_t y, const P* x, const R* r) {
     P* out = grad + i * V;
     if (y == ignore_index) {
       std::fill(out, out + V, P(0));

@@ -34,11 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_sta
   // The one device-to-host read and stream synchronization per call (token_stats.cu says
   // what it costs).
   const int64_t bad_row = first_bad_row.item<int64_t>();
-  if (bad_row >= 0) {
-    const int64_t n = bad_row / targets.size(1), t = bad_row % targets.size(1);
-    fail_bad_label(n, t, targets.select(0, n).select(0, t).item<int64_t>(), vocab,
-                   ignore_index);
-  }
+  if (bad_row >= 0) fail_bad_label_at(targets, bad_row, vocab, ignore_index);
   return outputs;
 }
 

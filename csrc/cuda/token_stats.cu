@@ -152,13 +152,14 @@ __device__ __forceinline__ void fold_chunk(SoftmaxPairState& state, const float*
     max_r = fmaxf(max_r, r[j]);
   }
   const float shift_x = exp_shift(max_x), shift_r = exp_shift(max_r);
+  const float gap = frame_gap(max_x, max_r);
   SoftmaxPairState chunk{max_x, 0.f, max_r, 0.f, 0.f};
 #pragma unroll
   for (int j = 0; j < kN; ++j) {
     const float er = expf(r[j] - shift_r);
     chunk.sum_pol += expf(x[j] - shift_x);
     chunk.sum_ref += er;
-    chunk.ref_diff_sum += ref_diff_term(er, r[j], x[j]);
+    chunk.ref_diff_sum += ref_diff_term(er, r[j], x[j], gap);
   }
   state = merge_states(state, chunk);
 }
