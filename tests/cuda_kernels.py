@@ -35,9 +35,10 @@ def missing_build_tools() -> str | None:
 
 def build_emulation(variant: str = "plain") -> str:
     """Builds the emulated kernels' library of `variant` ("plain", or "asan" / "tsan" with
-    its sanitized interpreter, CMakeLists.txt) and returns the build folder."""
-    targets = ["tdpo_cuda_emulated"] if variant == "plain" else [
-        f"tdpo_cuda_emulated_{variant}", f"tdpo_python_{variant}"]
+    its sanitized interpreter, CMakeLists.txt), or with "faults" the emulation's own check
+    (tests/emulation_faults.cpp), and returns the build folder."""
+    targets = {"plain": ["tdpo_cuda_emulated"], "faults": ["tdpo_emulation_faults"]}.get(
+        variant, [f"tdpo_cuda_emulated_{variant}", f"tdpo_python_{variant}"])
     commands = [["cmake", "--build", BUILD_DIR, "--target", *targets]]
     if not os.path.exists(os.path.join(BUILD_DIR, "CMakeCache.txt")):
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []

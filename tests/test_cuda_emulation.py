@@ -6,6 +6,7 @@ builds beside the library (a sanitizer's runtime must be the first thing a proce
 With the builds (tests/cuda_kernels.py), about 3 minutes of CPU time on two cores: 5
 minutes of wall time on a busy machine."""
 import os
+import re
 import subprocess
 
 import pytest
@@ -51,3 +52,38 @@ def test_sanitizer_cases_pass_without_reports(variant):
         f"exit status {result.returncode}, {len(reports)} sanitizer reports:\n"
         f"{output[-12000:]}")
     assert "\n0 failed" in result.stdout, result.stdout[-4000:]
+
+
+# What the emulation must say when a kernel breaks a rule of the CUDA execution model that
+# a GPU would answer with a hang or undefined values (tests/emulation_faults.cpp).
+# Each: where (the thread that finds the fault: any lane of the warp that shuffles), what.
+FAULTS = {
+    "partial_mask": (r"kernel partial_mask, block 0, thread \d+ \(warp [01], lane \d+\)",
+                     "__shfl_xor_sync with mask 0x0000ffff"),
+    "lane_returns": (r"kernel lane_returns, block 1, thread \d+ \(warp 1, lane \d+\)",
+                     "waits for thread 37 (warp 1, lane 5), which has returned"),
+    "lane_at_syncthreads": (
+        r"kernel lane_at_syncthreads, block 1, thread \d+ \(warp 0, lane \d+\)",
+        "waits for thread 0 (warp 0, lane 0), which waits at __syncthreads"),
+}
+
+
+def run_fault_case(case: str) -> subprocess.CompletedProcess:
+    build_dir = cuda_kernels.build_emulation("faults")
+    return subprocess.run([os.path.join(build_dir, "tdpo_emulation_faults"), case],
+                          capture_output=True, text=True, timeout=60)  # a hang is the bug of an emulation that misses a fault
+
+
+def test_emulation_runs_a_correct_warp_reduction():
+    result = run_fault_case("full_shuffle")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["sums", "32", "32", "32", "32"]
+
+
+@pytest.mark.parametrize("case", sorted(FAULTS))
+def test_emulation_aborts_naming_kernel_block_and_thread(case):
+    result = run_fault_case(case)
+    assert result.returncode != 0, f"{case} ran to the end: {result.stdout}"
+    where, what = FAULTS[case]
+    assert re.search("CUDA emulation: test, " + where, result.stderr), result.stderr
+    assert what in result.stderr, result.stderr
