@@ -70,8 +70,9 @@ FAULTS = {
 
 def run_fault_case(case: str) -> subprocess.CompletedProcess:
     build_dir = cuda_kernels.build_emulation("faults")
+    # An emulation that misses a fault hangs where the faulty kernel waits for a lane.
     return subprocess.run([os.path.join(build_dir, "tdpo_emulation_faults"), case],
-                          capture_output=True, text=True, timeout=60)  # a hang is the bug of an emulation that misses a fault
+                          capture_output=True, text=True, timeout=60)
 
 
 def test_emulation_runs_a_correct_warp_reduction():
