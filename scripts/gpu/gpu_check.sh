@@ -11,7 +11,9 @@
 #              (token_stats, token_stats_backward with and without
 #              vocab_start, token_stats_tile, token_stats_finish,
 #              preference_loss and its backward) against the CPU op
-# tests        the CUDA tests of the suite (pytest -k "cuda or CUDA")   tests.log          25 s
+# tests        the CUDA tests of the suite on the device (pytest -k       tests.log          25 s
+#              "(cuda or CUDA) and not emulat": the emulated kernels
+#              run in CI, on every machine)
 # memcheck     the same case under compute-sanitizer memcheck           memcheck.log
 # racecheck    ... and racecheck                                         racecheck.log
 # bench        bench/bench_ops.py --device cuda at every shape of its    bench_cuda.md,     60 s a shape
@@ -58,7 +60,7 @@ last=$(grep -E '^[0-9]+ failed' "$OUT/cuda_vs_cpu.log" | tail -1)
 
 # The CUDA tests of the suite.
 if [ $HAVE_PYTEST = yes ] && [ $HAVE_HYPOTHESIS = yes ]; then
-  run_step tests 150 tests.log "$PY" -m pytest tests -q -k "cuda or CUDA" -p no:cacheprovider
+  run_step tests 150 tests.log "$PY" -m pytest tests -q -k "(cuda or CUDA) and not emulat" -p no:cacheprovider
 elif [ $HAVE_PYTEST = yes ]; then
   # tests/conftest.py imports hypothesis; the build test needs neither it nor the conftest.
   note "hypothesis is not installed: ran tests/test_cuda_build.py only (--noconftest)"
