@@ -3,8 +3,8 @@
 separately with ThreadSanitizer: every case must match the CPU ops, and the sanitizer
 must report nothing. Each run is a child process of the sanitized interpreter that CMake
 builds beside the library (a sanitizer's runtime must be the first thing a process loads).
-With the builds (tests/cuda_kernels.py), about 3 minutes of CPU time on two cores: 5
-minutes of wall time on a busy machine."""
+With the builds (tests/cuda_kernels.py) and test_cuda_matches_cpu.py, 1 min 41 s on a quiet
+2-core machine from an empty build folder; 5 minutes on a busy one."""
 import os
 import re
 import subprocess
