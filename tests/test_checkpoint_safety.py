@@ -2,15 +2,20 @@
 unpickling would create a file is refused, with a message naming the file, the file is not
 created, and nothing in the run folder changes; in the unsharded form (checkpoint.pt,
 through tdpo-train --resume) and in every file of the sharded form (its training_state.pt,
-torch.distributed.checkpoint's .metadata and the non-tensor entries of its shards; here
-written by one process, and under torchrun in tests/test_fsdp.py)."""
+torch.distributed.checkpoint's .metadata, the rank-local __<rank>.metadata that torch
+falls back on and the non-tensor entries of its shards; here written by one process, and
+under torchrun in tests/test_fsdp.py). A pickle of what torch's own allowlist admits but
+tdpo-train does not write (traceback.FrameSummary, which reads a line of a file when it is
+built) is refused before it is built. Other malformed run folders: test_run_folder_safety.py."""
 import os
 import pickle
+import sys
+import traceback
 
 import pytest
 import torch
 from training_runs import (RunsCode, folder_digest, pairs, plant_in_sharded_checkpoint,
-                           tiny_model_and_optimizer)
+                           stage_state, tiny_model_and_optimizer)
 
 from tdpo_ext.training import checkpoint, train
 from tdpo_ext.training.processes import ONE_CPU_PROCESS
@@ -47,25 +52,110 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path, pairs):
                                             path, out, marker)
 
 
-@pytest.mark.parametrize("kind", ["training_state", "metadata", "shard_entry",
-                                  "metadata_outside"])
-def test_a_sharded_checkpoint_that_would_run_code_is_refused(tmp_path, kind):
-    folder, marker = str(tmp_path / checkpoint.FOLDER), tmp_path / "code_ran"
+SHARDED_PLANTS = ["training_state", "metadata", "rank_local", "shard_entry",
+                  "metadata_outside", "storage_data_type"]
+
+
+def save_sharded_and_plant(tmp_path, kind, marker):
+    """A sharded checkpoint saved in one process, planted (plant_in_sharded_checkpoint;
+    kind None: not planted); (its folder, the planted file, or its training state, a
+    loader of it into another model)."""
+    folder = str(tmp_path / checkpoint.FOLDER)
     model, opt = tiny_model_and_optimizer(0)
-    checkpoint.save_sharded(folder, model, opt, {"step": 2}, ONE_CPU_PROCESS)
-    path = plant_in_sharded_checkpoint(kind, folder, marker)
+    state, shape = stage_state(opt, 2)
+    checkpoint.save_sharded(folder, model, opt, state, ONE_CPU_PROCESS)
+    path = plant_in_sharded_checkpoint(kind, folder, marker) if kind else \
+        os.path.join(folder, checkpoint.TRAINING_STATE)
     model, opt = tiny_model_and_optimizer(1)
-    assert_refused_without_running_code(
-        lambda: checkpoint.load_sharded(folder, model, opt, ONE_CPU_PROCESS), path,
-        tmp_path, marker)
+    return folder, path, lambda: checkpoint.load_sharded(folder, model, opt,
+                                                         ONE_CPU_PROCESS, shape)
+
+
+@pytest.mark.parametrize("kind", SHARDED_PLANTS)
+def test_a_sharded_checkpoint_that_would_run_code_is_refused(tmp_path, kind):
+    marker = tmp_path / "code_ran"
+    _, path, load = save_sharded_and_plant(tmp_path, kind, marker)
+    assert_refused_without_running_code(load, path, tmp_path, marker)
 
 
 def test_a_sharded_checkpoint_loads_in_one_process(tmp_path):
     """What the refusals above are measured against: the unplanted checkpoint loads."""
     folder = str(tmp_path / checkpoint.FOLDER)
     saved, opt = tiny_model_and_optimizer(0)
-    checkpoint.save_sharded(folder, saved, opt, {"step": 2}, ONE_CPU_PROCESS)
+    state, shape = stage_state(opt, 2)
+    checkpoint.save_sharded(folder, saved, opt, state, ONE_CPU_PROCESS)
     model, opt = tiny_model_and_optimizer(1)
-    assert checkpoint.load_sharded(folder, model, opt, ONE_CPU_PROCESS)["step"] == 2
+    assert checkpoint.load_sharded(folder, model, opt, ONE_CPU_PROCESS, shape)["step"] == 2
     for a, b in zip(saved.parameters(), model.parameters()):
         assert torch.equal(a, b)
+
+
+class ReadsALine:
+    """Pickled, it is traceback.FrameSummary(path, 1, ...), whose building reads the
+    first line of the file at `path` (allowed by torch's weights-only unpickler once
+    torch.distributed.checkpoint is imported)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return traceback.FrameSummary, (self.path, 1, "planted")
+
+
+OPENED = []  # the paths opened while a test below watches, by an audit hook
+sys.addaudithook(lambda event, args: OPENED.append(str(args[0]))
+                 if event == "open" and OPENED[:1] == ["watching"] else None)
+
+
+def test_a_training_state_that_would_read_a_file_outside_is_refused(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("a line from outside the run folder\n")
+    _, path, load = save_sharded_and_plant(tmp_path, None, tmp_path / "unused")
+    state = torch.load(path, weights_only=True)
+    torch.save(state | {"first_eval": {"loss/eval": ReadsALine(secret)}}, path)
+    def watched_load():
+        OPENED[:] = ["watching"]
+        try:
+            load()
+        finally:
+            OPENED[0] = "watched"
+
+    assert_refused_without_running_code(watched_load, path, tmp_path, tmp_path / "unused")
+    assert str(secret) not in OPENED, "the planted object read a file outside the folder"
+    message = refused_message(load)
+    assert "traceback.FrameSummary" in message
+
+
+def refused_message(load):
+    with pytest.raises(SystemExit) as refused:
+        load()
+    return str(refused.value)
+
+
+@pytest.mark.parametrize("planted", ["os.system", "a list", "a missing key"])
+def test_the_refusal_of_a_checkpoint_says_what_it_holds(tmp_path, pairs, planted):
+    """What the file holds is named in our own words (not torch's, which vary from one
+    release to the next): posix.system, the most common payload; plain data of another
+    shape than tdpo-train writes, which would otherwise fail with a traceback."""
+    out = tmp_path / "run"
+    assert train.main(["--data", pairs, "--steps", "2", "--batch-size", "4",
+                       "--eval-every", "10", "--no-plots", "--out", str(out)]) == 0
+    path = out / checkpoint.FILE
+    state = torch.load(path, weights_only=True)
+    planted_state, expected = {
+        "os.system": (state | {"rng": [RunsSystem()]}, "it holds posix.system, which is "
+                      "not plain data"),
+        "a list": ([state], "it is list, where tdpo-train writes a dict of 'step'"),
+        "a missing key": ({k: v for k, v in state.items() if k != "scheduler"},
+                          "it lacks the keys [\"'scheduler'\"]")}[planted]
+    torch.save(planted_state, path)
+    assert_refused_without_running_code(lambda: train.main(["--resume", str(out)]), path,
+                                        out, tmp_path / "code_ran")
+    assert expected in refused_message(lambda: train.main(["--resume", str(out)]))
+
+
+class RunsSystem:
+    """Pickled, it is os.system("true") (posix.system on Linux)."""
+
+    def __reduce__(self):
+        return os.system, ("true",)

@@ -34,14 +34,15 @@ def env():
                 OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
 
 
-def run_python(*args, check=True, timeout=300):
+def run_python(*args, check=True, timeout=300, stdin_text=None):
     # In a session of its own, so that a timeout (a hung collective) kills torchrun's
     # workers with it instead of leaving them waiting.
     with subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=env(),
+                          stdin=subprocess.PIPE if stdin_text is not None else None,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as proc:
         try:
-            out, err = proc.communicate(timeout=timeout)
+            out, err = proc.communicate(stdin_text, timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
@@ -52,8 +53,9 @@ def run_python(*args, check=True, timeout=300):
     return p
 
 
-def tdpo_train(*args, check=True):
-    return run_python("-m", "tdpo_ext.training.train", *args, check=check)
+def tdpo_train(*args, check=True, stdin_text=None):
+    return run_python("-m", "tdpo_ext.training.train", *args, check=check,
+                      stdin_text=stdin_text)
 
 
 def torchrun_2(*args, check=True, timeout=300):
@@ -106,14 +108,21 @@ def assert_same_params(a, b):
 
 
 def folder_digest(folder):
-    """Every file under `folder` (hidden ones too) by relative path, with its content's
-    SHA-256: equal digests, nothing in the folder written, added or deleted."""
+    """Every entry under `folder` (hidden ones too) by relative path: a file with its
+    content's SHA-256, a symbolic link with its target, a folder as such: equal digests,
+    nothing in the folder written, added, deleted or replaced."""
     digest = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
+    for root, dirs, names in os.walk(folder):
+        for name in dirs + names:
             path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                digest[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+            if os.path.islink(path):
+                digest[os.path.relpath(path, folder)] = ("link", os.readlink(path))
+            elif os.path.isdir(path):
+                digest[os.path.relpath(path, folder)] = "folder"
+            else:
+                with open(path, "rb") as f:
+                    digest[os.path.relpath(path, folder)] = hashlib.sha256(
+                        f.read()).hexdigest()
     return digest
 
 
@@ -133,9 +142,23 @@ def tiny_model_and_optimizer(seed):
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
+def stage_state(optimizer, step):
+    """(the state a stage saves beside its model and optimizer, that state's shape) for a
+    stage with `optimizer`, at `step`."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    state = {"step": step, "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "first_eval": {}, "last_eval": {},
+             "last_train": {}}
+    return state, checkpoint.state_shape(scheduler, scaler)
+
+
 def plant_in_sharded_checkpoint(kind, folder, marker):
     """Makes the sharded checkpoint in `folder` run code when loaded, in one of its files;
-    returns that file's path (the folder, for an entry of the shards)."""
+    returns that file's path (the folder, for an entry of the shards). "rank_local": a
+    global .metadata that passes an allowlist but that torch's reader fails on (its
+    storage_meta a torch.Size, which takes no attribute), beside rank-local
+    __<rank>.metadata files that run code; torch then falls back on those."""
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -156,6 +179,13 @@ def plant_in_sharded_checkpoint(kind, folder, marker):
         metadata = pickle.load(f)
     if kind == "metadata":  # torch's own metadata, with code beside it
         metadata.planner_data = RunsCode(marker)
+    elif kind == "rank_local":
+        metadata.storage_meta = torch.Size([])
+        for rank in range(2):
+            with open(os.path.join(folder, f"__{rank}.metadata"), "wb") as f:
+                pickle.dump(RunsCode(marker), f)
+    elif kind == "storage_data_type":  # not code: the wrong type
+        metadata.storage_data = list(metadata.storage_data.values())
     else:  # "metadata_outside": a shard read from outside the folder
         info = next(iter(metadata.storage_data.values()))
         info.relative_path = os.path.join("..", info.relative_path)

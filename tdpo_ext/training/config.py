@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import typing
 from dataclasses import dataclass, field
 
-from . import ASSETS_DIR
+from . import ASSETS_DIR, run_folder, safe_load, schema
 from .models import TINY_CONFIG_FILE
 from .tasks import TASKS
 
@@ -102,11 +101,6 @@ class Config:
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_json(cls, saved: dict) -> "Config":
-        """The settings of a config.json (which also records the command line and torch)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in saved.items() if k in names})
 
 
 PIPELINE_FIELDS = ("sft_steps", "sft_lr", "sft_batch_size", "pair_prompts", "eval_prompts",
@@ -123,24 +117,34 @@ def _shown(value) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
+def _kind(name: str) -> tuple[type, bool]:
+    """(the type of a Config field, whether it may be None)."""
+    hint = typing.get_type_hints(Config)[name]
+    if typing.get_origin(hint) is typing.Union:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Options generated from Config's fields. Options not given are absent from the parsed
     namespace (SUPPRESS), so that resolve() knows what the user set."""
     p = argparse.ArgumentParser(prog="tdpo-train", formatter_class=argparse.RawTextHelpFormatter,
                                 description="TDPO1 / TDPO2 / DPO (or SFT) fine-tuning of a "
                                 "causal LM on preference pairs (docs/TRAINING.md).")
-    hints = typing.get_type_hints(Config)
     pipeline = p.add_argument_group("task pipeline (SFT stage, pair sampling, reward eval)")
     for f in dataclasses.fields(Config):
-        kind = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) \
-            is typing.Union else hints[f.name]
+        kind, _ = _kind(f.name)
         shown = f.metadata["default_help"] or _shown(f.default)
         presets = ", ".join(f"{t} task: {_shown(TASKS[t].preset[f.name])}" for t in TASKS
                             if f.name in TASKS[t].preset)
         help_text = f"{f.metadata['help']}\n(default: {shown}" + \
             (f"; {presets})" if presets else ")")
         group = pipeline if f.name in PIPELINE_FIELDS else p
-        flag = "--" + f.name.replace("_", "-")
+        flag = _flag(f.name)
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)
@@ -187,15 +191,42 @@ def resolve(given: dict) -> Config:
 
 def resumed(folder: str, given: dict) -> Config:
     """The settings of the run in `folder` (its config.json), with the options `given`
-    again overriding them, each with a notice."""
-    with open(os.path.join(folder, "config.json")) as f:
-        cfg = Config.from_json(json.load(f))
+    again overriding them, each with a notice. The folder is checked first (run_folder),
+    and each setting in its config.json is parsed as its flag would be."""
+    run_folder.refuse_unsafe_entries(folder)
+    cfg = Config(**_parsed_settings(os.path.join(folder, "config.json")))
     for name, value in given.items():
         if name != "out" and getattr(cfg, name) != value:
             print(f"tdpo-train: --resume: overriding {name}={getattr(cfg, name)!r} with "
                   f"{value!r}")
             cfg = cfg.replace(**{name: value})
     return cfg.replace(out=folder)
+
+
+def _parsed_settings(path: str) -> dict:
+    """The settings of the config.json at `path` (which also records the command line and
+    torch), each value of the JSON type of its Config field and then parsed by that
+    field's flag (its type and choices): what the command line would refuse is refused."""
+    saved = safe_load.json_file(path, schema.MapOf(str, object))
+    parser, argv, settings = build_parser(), [], {}
+    parser.exit_on_error = False
+    for f in dataclasses.fields(Config):
+        if f.name not in saved:
+            continue
+        kind, optional = _kind(f.name)
+        value = saved[f.name]
+        safe_load.check(value, schema.AnyOf(kind, type(None)) if optional else kind, path,
+                        f"its {f.name}")
+        if value is None:
+            settings[f.name] = None
+        elif kind is bool:
+            argv.append(_flag(f.name if value else "no_" + f.name))
+        else:
+            argv.append(f"{_flag(f.name)}={value}")
+    try:
+        return settings | vars(parser.parse_args(argv))
+    except argparse.ArgumentError as e:
+        raise safe_load.refusal(path, f"its {e}") from None
 
 
 def from_command_line(argv=None) -> tuple[Config, bool]:

@@ -6,14 +6,29 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
+
+from .safe_load import open_file, refusal
 
 
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "w"):
     """A file opened for writing beside `path` and renamed over it once the block ends
-    (rename is atomic on POSIX), so `path` holds either the old or the new content."""
+    (rename is atomic on POSIX, and replaces the name `path`, never a file a link at
+    `path` points to), so `path` holds either the old or the new content. The file is
+    created anew (O_EXCL, O_NOFOLLOW): a killed attempt's leftover is removed first, and
+    a link in its place is refused rather than written through."""
     tmp = path + ".tmp"
-    with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        fd = os.open(tmp, flags, 0o644)
+    except FileExistsError:
+        if not stat.S_ISREG(os.lstat(tmp).st_mode):
+            raise SystemExit(f"tdpo-train: {tmp} is not a regular file (a link?); "
+                             "nothing was written through it") from None
+        os.unlink(tmp)
+        fd = os.open(tmp, flags, 0o644)
+    with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
         yield f
         f.flush()
         os.fsync(f.fileno())
@@ -34,26 +49,35 @@ class MetricsLog:
     def cut_to(self, step: int | None) -> None:
         """Keeps only the rows up to `step` (none if None): a resumed stage takes the
         steps after its checkpoint again, and one started afresh takes them all, so the
-        rows a killed attempt wrote past that point go. A row cut short by a kill is not
-        valid JSON; it and anything after it go too."""
-        if self.rank != 0 or not os.path.isfile(self.path):
+        rows a killed attempt wrote past that point go. A last row cut short by a kill
+        (no newline) goes too; any other row that is not one MetricsLog writes is
+        refused, the log left as it was."""
+        if self.rank != 0 or not os.path.lexists(self.path):
             return
+        with open_file(self.path) as f:
+            lines = f.read().decode("utf-8", errors="replace").splitlines(keepends=True)
         kept = []
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                if step is None or row["step"] > step or not line.endswith("\n"):
-                    break
-                kept.append(line)
+        for number, line in enumerate(lines, 1):
+            if not line.endswith("\n") and number == len(lines):
+                break
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict) or type(row.get("step")) is not int:
+                raise refusal(self.path, f"its line {number} is not a row with a whole "
+                              "number step")
+            if step is None or row["step"] > step:
+                break
+            kept.append(line)
         with atomic_write(self.path) as f:
             f.writelines(kept)
 
     def append(self, row: dict) -> None:
-        if self.rank == 0:
-            with open(self.path, "a", encoding="utf-8") as f:
+        if self.rank == 0:  # never through a link (the run folder is checked for them)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                         0o644)
+            with os.fdopen(fd, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 
 

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from . import checkpoint, hooks, parallel
+from . import checkpoint, hooks, parallel, safe_load
 from . import data as D
 from .files import MetricsLog
 from .losses import Meter, batch_loss, fused_heads
@@ -122,24 +122,39 @@ class Stage:
         """Continues from the checkpoint if there is one; the metrics log keeps exactly the
         rows up to the step the stage continues from."""
         checkpoint.refuse_other_form(self.dir, self.sharded)
+        shape = checkpoint.state_shape(self.sched, self.scaler,
+                                       None if self.sharded else self.opt)
         if self.sharded:  # the model's and optimizer's shards loaded in place
-            state = checkpoint.load_sharded(self.ckpt, self.module, self.opt, self.procs)
+            state = checkpoint.load_sharded(self.ckpt, self.module, self.opt, self.procs,
+                                            shape)
         else:
-            state = checkpoint.load(self.ckpt, self.procs)
+            state = checkpoint.load(self.ckpt, self.procs, shape)
+        if state is not None:
+            self._apply(state)
+        # Cut last: a checkpoint refused above leaves the logs as they were.
         self.metrics.cut_to(None if state is None else state["step"])
         self.examples.cut_to(None if state is None else state["step"])
         if state is None:
             return False
-        if not self.sharded:
-            self.module.load_state_dict(state["model"])
-            self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
         self.step = self.saved_step = state["step"]
         self.first_eval, self.last_eval = state["first_eval"], state["last_eval"]
         self.last_train = state["last_train"]
         log(f"[{self.name}] resumed from {self.ckpt} at step {self.step}")
         return True
+
+    def _apply(self, state: dict) -> None:
+        """The checkpoint's model, optimizer, scheduler and scaler state loaded into this
+        stage's; one that does not fit them (other names or shapes) is refused."""
+        try:
+            if not self.sharded:
+                checkpoint.check_optimizer_state(self.opt, state["optimizer"], self.ckpt)
+                self.module.load_state_dict(state["model"])
+                self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise safe_load.refusal(self.ckpt, "it does not fit this run's model and "
+                                    f"optimizer ({str(e).strip().splitlines()[0]})") from None
 
     # -- evaluation
     @torch.no_grad()

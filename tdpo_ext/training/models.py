@@ -14,13 +14,13 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ASSETS_DIR
+from . import ASSETS_DIR, safe_load, schema
 
 TINY_CONFIG_FILE = "tiny_gpt.json"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -104,6 +104,11 @@ class TinyGPTConfig:
     n_head: int = 4
     max_len: int = 64
     dropout: float = 0.0
+
+
+# What a TinyGPT folder's config holds: TinyGPTConfig's fields, of their types.
+TINY_CONFIG_SHAPE = {f.name: float if f.type in ("float", float) else int
+                     for f in fields(TinyGPTConfig)}
 
 
 class Block(nn.Module):
@@ -223,11 +228,7 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device="cpu",
                 torch.manual_seed(seed)
                 model = TinyGPT(config)
         else:
-            tok = WordTokenizer.from_file(os.path.join(spec, "vocab.txt"))
-            with open(os.path.join(spec, TINY_CONFIG_FILE)) as f:
-                model = TinyGPT(TinyGPTConfig(**json.load(f)))
-            model.load_state_dict(torch.load(os.path.join(spec, "model.pt"), map_location="cpu",
-                                             weights_only=True))
+            model, tok = _load_tiny_folder(spec)
         return model.to(device=device, dtype=dtype), tok
 
     try:
@@ -243,16 +244,21 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device="cpu",
         else:
             path, kwargs = smollm2_dir(), {"gguf_file": SMOLLM2_GGUF}
     elif os.path.isdir(spec):
-        path = spec
+        path, kwargs = spec, {"use_safetensors": True}
+        refuse_remote_code(spec)
     else:
         raise FileNotFoundError(f"--model {spec!r}: not 'tiny', 'smollm2' or a folder")
-    tok = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
-    if kwargs:  # loaded from GGUF: a plain (dequantized, float32) model that can be saved
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False,
+                                        **{k: v for k, v in kwargs.items()
+                                           if k != "use_safetensors"})
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 trust_remote_code=False, **kwargs)
+    if "gguf_file" in kwargs:  # a plain (dequantized, float32) model that can be saved
         config = copy.deepcopy(model.config)
         if hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                 trust_remote_code=False)
         plain.load_state_dict(model.state_dict())
         model = plain
         try:  # dequantizing the GGUF takes most of a minute: keep the plain copy
@@ -261,6 +267,43 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device="cpu",
         except OSError:
             pass
     return model.to(device=device, dtype=dtype), HFTokenizer(tok, chat=bool(chat_template))
+
+
+def _load_tiny_folder(folder: str):
+    """A TinyGPT folder that save_model wrote (model and tokenizer), read as data
+    (safe_load): a config, a file of tensors and a vocabulary."""
+    with safe_load.open_file(os.path.join(folder, "vocab.txt")) as f:
+        tok = WordTokenizer([line for line in f.read().decode("utf-8").splitlines()
+                             if line.strip()])
+    config_path, weights_path = (os.path.join(folder, name)
+                                 for name in (TINY_CONFIG_FILE, "model.pt"))
+    config = safe_load.json_file(config_path, TINY_CONFIG_SHAPE)
+    model = TinyGPT(TinyGPTConfig(**config))
+    state = safe_load.torch_file(weights_path, schema.MapOf(str, torch.Tensor))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise safe_load.refusal(weights_path, f"its tensors are not those of the model "
+                                f"{config_path} describes ({e})") from None
+    return model, tok
+
+
+# A model folder's config (and a tokenizer's) names the Python files of the model's own
+# code under "auto_map"; transformers would import them (with trust_remote_code, or after
+# a prompt). tdpo-train runs no code from a folder.
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
+
+
+def refuse_remote_code(folder: str) -> None:
+    """Refuses (SystemExit) a transformers folder whose model or tokenizer is its own code."""
+    for name in REMOTE_CODE_FILES:
+        path = os.path.join(folder, name)
+        if os.path.lexists(path) and "auto_map" in safe_load.json_file(
+                path, schema.MapOf(str, object)):
+            raise SystemExit(
+                f"tdpo-train: refused to load the model in {folder}: its {name} names code of "
+                f"its own (auto_map), and tdpo-train runs no code from a model folder. Use a "
+                f"model whose architecture transformers ships, or convert this one to one")
 
 
 def save_model(model, tokenizer, folder: str, dtype: torch.dtype | None = None,

@@ -6,7 +6,6 @@ earlier attempt is skipped, and the training stages continue from their checkpoi
 that a resumed run ends as an uninterrupted one would."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -15,7 +14,8 @@ import torch
 
 from . import data as D
 from . import models as M
-from . import parallel
+from . import parallel, safe_load
+from .checkpoint import METRICS
 from .files import write_json
 from .loop import Stage, num
 from .processes import ONE_CPU_PROCESS, Processes, barrier, log, seed_all
@@ -80,8 +80,7 @@ def sft_stage(cfg, task, procs: Processes, summary: dict) -> str:
         if procs.rank == 0:  # the summary first: a finished final/ implies it exists
             write_json(summary_path, result)
         save_final(model, tok, final, procs)
-    with open(summary_path) as f:
-        summary["sft"] = json.load(f)
+    summary["sft"] = safe_load.json_file(summary_path, METRICS)
     return final
 
 
@@ -104,8 +103,7 @@ def pairs_stage(cfg, task, policy_spec: str, procs: Processes, summary: dict):
             write_json(stats_path, stats)
             del model
         barrier()
-    with open(stats_path) as f:
-        summary["pairs"] = json.load(f)
+    summary["pairs"] = safe_load.json_file(stats_path, {"train": METRICS, "eval": METRICS})
     return paths
 
 
