@@ -86,13 +86,15 @@ def test_fsdp_killed_and_resumed_ends_as_an_uninterrupted_run(tmp_path, pairs, f
         assert torch.equal(a[k], b[k]), k
 
 
-def test_fsdp_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, fsdp_run):
-    """torch.distributed.checkpoint reads its .metadata with plain pickle: planted there,
-    code is refused by both processes before it runs (more planted files, in one process:
+@pytest.mark.parametrize("kind", ["metadata", "rank_local"])
+def test_fsdp_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, fsdp_run, kind):
+    """torch.distributed.checkpoint reads its .metadata with plain pickle, and falls back
+    on each rank's __<rank>.metadata when it cannot use that: code planted in either is
+    refused by both processes before it runs (more planted files, in one process:
     tests/test_checkpoint_safety.py), and the run folder is left as it was."""
     run, marker = tmp_path / "run", tmp_path / "code_ran"
     shutil.copytree(fsdp_run, run)
-    path = plant_in_sharded_checkpoint("metadata", str(run / "checkpoint"), marker)
+    path = plant_in_sharded_checkpoint(kind, str(run / "checkpoint"), marker)
     before = folder_digest(run)
     p = torchrun_2("-m", "tdpo_ext.training.train", "--resume", run, check=False)
     assert not marker.exists(), "the checkpoint's code ran"
