@@ -81,13 +81,6 @@ def planted_links(run, kind):
     return path
 
 
-@pytest.mark.parametrize("kind", ["tmp_link", "log_link", "checkpoint_outside",
-                                  "checkpoint_dev_null", "checkpoint_folder"])
-def test_a_run_folder_with_links_or_folders_for_files_is_refused(tmp_path, run, kind):
-    named = planted_links(run, kind)
-    assert_refused(lambda: train.main(["--resume", str(run)]), named, tmp_path)
-
-
 def test_a_model_folder_with_code_of_its_own_is_refused_without_a_prompt(tmp_path, run):
     """config.json's ref_model names a transformers folder in the run folder whose
     config maps the model to its own evil.py: refused at once, even with `y` on stdin
@@ -150,10 +143,17 @@ def planted_in_log_or_model(run, kind):
     return run / "final" / "model.pt"
 
 
-@pytest.mark.parametrize("kind", ["zip_climbing_out", "torchscript", "metrics_string_step",
-                                  "model_file_running_code", "dtype_load"])
-def test_a_malformed_file_is_refused_not_a_traceback(tmp_path, run, kind):
-    named = planted_malformed(run, kind)
+LINKS = ["tmp_link", "log_link", "checkpoint_outside", "checkpoint_dev_null",
+         "checkpoint_folder"]
+MALFORMED = ["zip_climbing_out", "torchscript", "metrics_string_step",
+             "model_file_running_code", "dtype_load"]
+
+
+@pytest.mark.parametrize("kind", LINKS + MALFORMED)
+def test_a_planted_run_folder_is_refused_not_resumed(tmp_path, run, kind):
+    """Links and folders where files belong are refused before anything is read or
+    written; malformed files with a refusal, not a traceback."""
+    named = (planted_links if kind in LINKS else planted_malformed)(run, kind)
     assert_refused(lambda: train.main(["--resume", str(run)]), named, tmp_path)
 
 

@@ -19,20 +19,27 @@ def atomic_write(path: str, mode: str = "w"):
     created anew (O_EXCL, O_NOFOLLOW): a killed attempt's leftover is removed first, and
     a link in its place is refused rather than written through."""
     tmp = path + ".tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-    try:
-        fd = os.open(tmp, flags, 0o644)
-    except FileExistsError:
+    if os.path.lexists(tmp):
         if not stat.S_ISREG(os.lstat(tmp).st_mode):
             raise SystemExit(f"tdpo-train: {tmp} is not a regular file (a link?); "
-                             "nothing was written through it") from None
+                             "nothing was written through it")
         os.unlink(tmp)
-        fd = os.open(tmp, flags, 0o644)
-    with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+    with open(tmp, mode, opener=_creating, **({} if "b" in mode else {"encoding": "utf-8"})) \
+            as f:
         yield f
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _creating(path: str, _flags: int) -> int:
+    """open()'s opener of a file that must not exist yet, nor be reached through a link."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+
+
+def _appending(path: str, _flags: int) -> int:
+    """open()'s opener of a file appended to, never through a link."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
 
 
 def write_json(path: str, obj) -> None:
@@ -74,10 +81,8 @@ class MetricsLog:
             f.writelines(kept)
 
     def append(self, row: dict) -> None:
-        if self.rank == 0:  # never through a link (the run folder is checked for them)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
-                         0o644)
-            with os.fdopen(fd, "a", encoding="utf-8") as f:
+        if self.rank == 0:
+            with open(self.path, "a", encoding="utf-8", opener=_appending) as f:
                 f.write(json.dumps(row) + "\n")
 
 

@@ -4,13 +4,15 @@ a string where a step count belongs. A schema says what tdpo-train writes, and `
 names the first place where a value differs from it.
 
 A schema is one of:
-- a type: int (not bool), float (an int too), bool, str, type(None), torch.Tensor;
+- a type: int (not bool), float (an int too), any other by isinstance (bool, str,
+  type(None), torch.Tensor, torch.Size, ...; object: anything);
 - a dict {key: schema}: a dict with those keys (each value checked), none other;
 - MapOf(key schema, value schema): a dict of any size;
 - ListOf(schema): a list or tuple of any length;
 - Seq([schema, ...]): a list or tuple of those, one each;
 - AnyOf(schema, ...): one of them;
-- Fields(cls, {attribute: schema}): an instance of cls with those attributes;
+- Fields(cls, {attribute: schema}): an instance of cls with those attributes (those
+  that cls, a dataclass, declares);
 - like(value): what `value` is, its dicts' keys optional (see like)."""
 from __future__ import annotations
 
@@ -125,7 +127,10 @@ def check(value, schema, where: str = "it") -> None:
     elif isinstance(schema, Fields):
         if type(value) is not schema.cls:
             raise wrong()
+        declared = getattr(schema.cls, "__dataclass_fields__", schema.attributes)
         for name, attribute in schema.attributes.items():
+            if name not in declared:  # a field that this torch release's class lacks
+                continue
             if not hasattr(value, name):
                 raise Malformed(f"{where} lacks its {name}")
             check(getattr(value, name), attribute, f"{where}.{name}")
