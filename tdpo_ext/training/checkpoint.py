@@ -70,7 +70,10 @@ def _restore_rng(state: dict, path: str, procs: Processes) -> dict:
         raise safe_load.refusal(path, f"it holds {len(state['rng'])} random states for "
                                 f"{state['world_size']} processes, at step {state['step']}")
     if state["world_size"] == procs.world:
-        set_rng_state(state["rng"][procs.rank])
+        try:
+            set_rng_state(state["rng"][procs.rank])
+        except (RuntimeError, ValueError, TypeError) as e:  # a state of another generator
+            raise safe_load.refusal(path, f"its random state is not one ({e})") from None
     else:
         log(f"{path}: saved by {state['world_size']} processes, resumed by {procs.world}: "
             "random state not restored")
@@ -132,9 +135,13 @@ def load_sharded(folder: str, model, optimizer, procs: Processes,
         if refused is None:
             raise
         raise refused from None
-    safe_load.check(shards["optimizer"]["param_groups"], groups, path)
-    set_state_dict(model, optimizer, model_state_dict=shards["model"],
-                   optim_state_dict=shards["optimizer"])
+    safe_load.check(shards["optimizer"]["param_groups"], groups, path,
+                    "its optimizer's param_groups")
+    try:
+        set_state_dict(model, optimizer, model_state_dict=shards["model"],
+                       optim_state_dict=shards["optimizer"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise safe_load.refusal(path, f"it does not fit this run's optimizer ({e})") from None
     return _restore_rng(state, path, procs)
 
 

@@ -102,7 +102,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-
 PIPELINE_FIELDS = ("sft_steps", "sft_lr", "sft_batch_size", "pair_prompts", "eval_prompts",
                    "max_new_tokens", "temperature", "top_k")
 SHIPPED_PAIRS = {split: os.path.join(ASSETS_DIR, f"movie_reviews_pairs_{split}.jsonl")
