@@ -4,7 +4,8 @@ created, and nothing in the run folder changes; in the unsharded form (checkpoin
 through tdpo-train --resume) and in every file of the sharded form (its training_state.pt,
 torch.distributed.checkpoint's .metadata, the rank-local __<rank>.metadata that torch
 falls back on and the non-tensor entries of its shards; here written by one process, and
-under torchrun in tests/test_fsdp.py). A pickle of what torch's own allowlist admits but
+under torchrun in tests/test_fsdp.py); a shard linked to a file outside the folder, or
+metadata of the wrong type, is refused too. A pickle of what torch's own allowlist admits but
 tdpo-train does not write (traceback.FrameSummary, which reads a line of a file when it is
 built) is refused before it is built. Other malformed run folders: test_run_folder_safety.py."""
 import os
@@ -53,7 +54,7 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path, pairs):
 
 
 SHARDED_PLANTS = ["training_state", "metadata", "rank_local", "shard_entry",
-                  "metadata_outside", "storage_data_type"]
+                  "metadata_outside", "shard_outside", "storage_data_type"]
 
 
 def save_sharded_and_plant(tmp_path, kind, marker):

@@ -167,6 +167,12 @@ def plant_in_sharded_checkpoint(kind, folder, marker):
         state = torch.load(path, weights_only=True)
         torch.save(state | {"rng": [RunsCode(marker)]}, path)
         return path
+    if kind == "shard_outside":  # a shard file moved out of the folder, linked to there
+        path = os.path.join(folder, "__0_0.distcp")
+        outside = os.path.join(os.path.dirname(folder), "outside.distcp")
+        os.replace(path, outside)
+        os.symlink(outside, path)
+        return path
     if kind == "shard_entry":  # the optimizer's learning rate, a pickled entry
         model, opt = tiny_model_and_optimizer(0)
         model_state, optim_state = get_state_dict(model, opt)
