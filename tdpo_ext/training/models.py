@@ -235,25 +235,25 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device="cpu",
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
         raise RuntimeError(f"--model {spec} needs transformers (pip install transformers)") from e
-    kwargs = {}
+    source, weights = {}, {}  # GGUF's file; how a folder's weights are read
     if spec == "smollm2":
         chat_template = True if chat_template is None else chat_template
         cached = os.path.join(_cache_dir(), "smollm2-135m-instruct")
         if os.path.isfile(os.path.join(cached, "config.json")):
             path = cached
         else:
-            path, kwargs = smollm2_dir(), {"gguf_file": SMOLLM2_GGUF}
+            path, source = smollm2_dir(), {"gguf_file": SMOLLM2_GGUF}
     elif os.path.isdir(spec):
-        path, kwargs = spec, {"use_safetensors": True}
         refuse_remote_code(spec)
+        # safetensors holds no code; a pickled pytorch_model.bin would be read with
+        # torch's weights-only allowlist, which admits more than data (safe_load)
+        path, weights = spec, {"use_safetensors": True}
     else:
         raise FileNotFoundError(f"--model {spec!r}: not 'tiny', 'smollm2' or a folder")
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False,
-                                        **{k: v for k, v in kwargs.items()
-                                           if k != "use_safetensors"})
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False, **source)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 trust_remote_code=False, **kwargs)
-    if "gguf_file" in kwargs:  # a plain (dequantized, float32) model that can be saved
+                                                 trust_remote_code=False, **source, **weights)
+    if source:  # loaded from GGUF: a plain (dequantized, float32) model that can be saved
         config = copy.deepcopy(model.config)
         if hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")
