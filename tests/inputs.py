@@ -22,6 +22,8 @@ LAYOUTS = (
     "slice_t",        # big[:, :-1] of (N, T + 1, V), as logits[:, :-1] of a model output
     "step_t",         # big[:, ::2] of (N, 2T, V)
     "slice_v",        # big[..., :V] of (N, T, V + 3): padded rows
+    "offset",         # big[..., 1:] of (N, T, V + 1): every row starts one element late
+    "transposed",     # a (T, N, V) tensor's .transpose(0, 1): batch and time strides swapped
     "expanded",       # (1, T, V).expand(N, T, V): batch stride 0
     "vocab_strided",  # (N, V, T).transpose(1, 2): vocabulary stride T
 )
@@ -156,6 +158,10 @@ def _in_layout(values: torch.Tensor, layout: str, requires_grad: bool) -> torch.
         return padded((n, 2 * t, v), lambda big: big[:, ::2])
     if layout == "slice_v":
         return padded((n, t, v + 3), lambda big: big[..., :v])
+    if layout == "offset":
+        return padded((n, t, v + 1), lambda big: big[..., 1:])
+    if layout == "transposed":
+        return padded((t, n, v), lambda big: big.transpose(0, 1))
     if layout == "expanded":
         return leaf(values[:1].clone()).expand(n, t, v)
     if layout == "vocab_strided":
