@@ -1,5 +1,5 @@
-"""Test-wide settings: the devices every kernel test runs on, and a reproducible
-hypothesis profile."""
+"""Test-wide settings: the devices every kernel test runs on, a reproducible hypothesis
+profile, and the modules of the quick tier."""
 import os
 import sys
 
@@ -22,6 +22,38 @@ settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True
                           database=None, print_blob=True)
 settings.register_profile("explore", deadline=None, max_examples=1000, print_blob=True)
 settings.load_profile(os.environ.get("TDPO_HYPOTHESIS_PROFILE", "ci"))
+
+# The quick tier, `pytest -m quick` (README, Tests): the core ops against the oracle, the
+# fused head, compile, errors and import checks, whole modules, named in this one place.
+QUICK_MODULES = (
+    "test_compile",
+    "test_errors",
+    "test_fused_linear",
+    "test_import",
+    "test_preference_loss",
+    "test_sequence_stats",
+    "test_tdpo_loss",
+    "test_token_stats_tile",
+)
+_missing = [m for m in QUICK_MODULES
+            if not os.path.exists(os.path.join(os.path.dirname(__file__), m + ".py"))]
+assert not _missing, f"QUICK_MODULES names modules that do not exist: {_missing}"
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.stem in QUICK_MODULES:
+            item.add_marker(pytest.mark.quick)
+
+
+def pytest_ignore_collect(collection_path, config):
+    """With -m quick, the other test modules are not even imported (some import trl and
+    transformers: seconds each)."""
+    if (config.getoption("markexpr") == "quick" and collection_path.suffix == ".py"
+            and collection_path.stem.startswith("test_")):
+        return collection_path.stem not in QUICK_MODULES
+    return None
+
 
 _CUDA_UNBUILT = pytest.mark.skipif(
     not tdpo_ext.built_with_cuda(),

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from typing import NamedTuple
+
 from oracle import TokenTerms
 
 EPS32 = torch.finfo(torch.float32).eps  # 2**-23
@@ -88,3 +90,36 @@ def tdpo_loss_coef_error(row_error: torch.Tensor, beta: float) -> torch.Tensor:
     chosen, rejected = row_error.chunk(2)
     pair = (chosen + rejected).repeat(2)
     return 1 + beta * pair
+
+
+# Preference pairs (float32 inputs and arithmetic). z = u - alpha * (kl_rej - kl_cho) is
+# formed from four float32 values, so its rounding is EPS32 * Mz with
+# Mz = |m_cho| + |m_rej| + max(1, alpha) * (|kl_cho| + |kl_rej|), however small z is.
+#   loss:    RTOL relative + ULPS * EPS32 * beta * Mz   (d loss / dz is at most beta)
+#   rewards: RTOL relative + ULPS * EPS32 * beta * (|margin| + |kl|)
+#   grads:   |grad| <= beta * max(1, alpha) * |upstream|; sigmoid(-beta z) moves by at
+#            most beta * (error of z) relative: ULPS * EPS32 * that * (1 + beta * Mz)
+# Everywhere, an absolute PAIR_FLOOR: results below float32's smallest normal (from
+# subnormal inputs) may flush to 0.
+PAIR_FLOOR = torch.finfo(torch.float32).tiny
+
+
+class PairAtols(NamedTuple):
+    """Absolute parts of the bounds above (each beside RTOL relative), per pair."""
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    grads: torch.Tensor  # of each input, for upstream gradients `upstream` of the losses
+
+
+def pair_atols(chosen_margin, rejected_margin, chosen_kl, rejected_kl, upstream: torch.Tensor,
+               beta: float, alpha: float) -> PairAtols:
+    mc, mr, kc, kr = (t.detach().double().abs() for t in (chosen_margin, rejected_margin,
+                                                           chosen_kl, rejected_kl))
+    mz = mc + mr + max(1.0, alpha) * (kc + kr)
+    return PairAtols(
+        losses=ULPS * EPS32 * beta * mz + PAIR_FLOOR,
+        chosen_rewards=ULPS * EPS32 * beta * (mc + kc) + PAIR_FLOOR,
+        rejected_rewards=ULPS * EPS32 * beta * (mr + kr) + PAIR_FLOOR,
+        grads=(ULPS * EPS32 * beta * max(1.0, alpha) * upstream.double().abs()
+               * (1 + beta * mz) + PAIR_FLOOR))

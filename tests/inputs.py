@@ -1,11 +1,16 @@
-"""Logits batches for the tests: a hypothesis strategy drawing their description (Case)
-and the builder that turns a Case into tensors, in any dtype and memory layout."""
+"""Logits batches and preference pairs for the tests: the generators that draw their
+description (Case, pair values) and the builder that turns a Case into tensors, in any
+dtype and memory layout.
+
+Each generator is a plain function of `draws`, anything with random.Random's choice,
+randint and uniform: the CPU property tests pass hypothesis' draws (tests/strategies.py),
+the table of kernel cases (tests/kernel_cases.py) a random.Random with a fixed seed, so
+that both draw from the same classes of input."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from hypothesis import strategies as st
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -17,6 +22,8 @@ LAYOUTS = (
     "slice_t",        # big[:, :-1] of (N, T + 1, V), as logits[:, :-1] of a model output
     "step_t",         # big[:, ::2] of (N, 2T, V)
     "slice_v",        # big[..., :V] of (N, T, V + 3): padded rows
+    "offset",         # big[..., 1:] of (N, T, V + 1): every row starts one element late
+    "transposed",     # a (T, N, V) tensor's .transpose(0, 1): batch and time strides swapped
     "expanded",       # (1, T, V).expand(N, T, V): batch stride 0
     "vocab_strided",  # (N, V, T).transpose(1, 2): vocabulary stride T
 )
@@ -26,11 +33,25 @@ LAYOUTS = (
 SMALL_VOCABS = (1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 33, 100, 257, 1000, 2047, 2048, 2049, 4100)
 LARGE_VOCABS = (65536, 70001)
 
+# How the (N, T) labels sit in memory. The public functions shift them into contiguous
+# targets; the ops read the targets they get with their strides, so the kernel cases
+# hand the targets over in these layouts (tests/kernel_checks.py).
+LABEL_LAYOUTS = (
+    "contiguous",
+    "slice_t",     # big[:, 1:] of (N, T + 1): a row stride of T + 1
+    "transposed",  # a (T, N) tensor's .t(): a row stride of 1, a position stride of N
+)
+
 # Half-width of the uniform logits around their offset: 60 spreads a row over ~120
 # (the reference pattern's float32 softmax().log() underflows beyond ~104), 1e4 makes
 # near-one-hot rows.
 SCALES = (0.5, 4.0, 60.0, 1e4)
 OFFSETS = (0.0, -30.0, 1e4, -1e4)
+
+# Preference pairs: bounds of the margins and KLs (exact in float32), beta and alpha.
+PAIR_SCALES = (2.0**-10, 1.0, 30.0, 1e4)
+PAIR_BETAS = (0.01, 0.1, 0.5, 2.0)
+PAIR_ALPHAS = (0.0, 0.5, 1.0, 3.0)
 
 
 @dataclass(frozen=True)
@@ -42,6 +63,7 @@ class Case:
     ref_dtype: torch.dtype
     policy_layout: str = "contiguous"
     ref_layout: str = "contiguous"
+    labels_layout: str = "contiguous"
     scale: float = 4.0
     offset: float = 0.0
     ref_relation: str = "independent"  # "close" (KL ~ 0: cancellation) or "same" values
@@ -51,29 +73,66 @@ class Case:
     seed: int = 0
 
 
-@st.composite
-def cases(draw, *, even_rows: bool = False) -> Case:
-    """Any Case; with even_rows, N = 2B as tdpo_loss needs."""
-    v = draw(st.sampled_from(SMALL_VOCABS + LARGE_VOCABS))
-    large = v in LARGE_VOCABS
-    n = draw(st.integers(1, 2 if large else 4))
-    t = draw(st.integers(1, 3 if large else 6))
+def draw_case(draws, *, even_rows: bool = False, **pinned) -> Case:
+    """Any Case, but for the fields given in pinned; with even_rows, N = 2B as tdpo_loss
+    needs. The ignore index is -100, -1, or an id inside [0, V): 0 (a pad id) or any."""
+    v = pinned.get("v", draws.choice(SMALL_VOCABS + LARGE_VOCABS))
+    large = v >= LARGE_VOCABS[0]
+    n = pinned.get("n", draws.randint(1, 2 if large else 4))
     if even_rows:
         n = 2 * max(1, n // 2)
-    return Case(
-        n=n, t=t, v=v,
-        policy_dtype=draw(st.sampled_from(DTYPES)),
-        ref_dtype=draw(st.sampled_from(DTYPES)),
-        policy_layout=draw(st.sampled_from(LAYOUTS)),
-        ref_layout=draw(st.sampled_from(LAYOUTS)),
-        scale=draw(st.sampled_from(SCALES)),
-        offset=draw(st.sampled_from(OFFSETS)),
-        ref_relation=draw(st.sampled_from(("independent", "close", "same"))),
-        mask_rate=draw(st.sampled_from((0.0, 0.3, 1.0))),
-        masked_rows=tuple(sorted(draw(st.sets(st.integers(0, n - 1), max_size=n)))),
-        ignore_index=draw(st.sampled_from((-100, -1, 0))),  # 0: a pad id inside [0, V)
-        seed=draw(st.integers(0, 2**31 - 1)),
+    drawn = dict(
+        n=n, v=v,
+        t=draws.randint(1, 3 if large else 6),
+        policy_dtype=draws.choice(DTYPES),
+        ref_dtype=draws.choice(DTYPES),
+        policy_layout=draws.choice(LAYOUTS),
+        ref_layout=draws.choice(LAYOUTS),
+        labels_layout=draws.choice(LABEL_LAYOUTS),
+        scale=draws.choice(SCALES),
+        offset=draws.choice(OFFSETS),
+        ref_relation=draws.choice(("independent", "close", "same")),
+        mask_rate=draws.choice((0.0, 0.3, 1.0)),
+        masked_rows=tuple(sorted({draws.randint(0, n - 1) for _ in range(draws.randint(0, n))})),
+        ignore_index=draws.choice((-100, -1, 0, draws.randint(0, v - 1))),
+        seed=draws.randint(0, 2**31 - 1),
     )
+    return Case(**{**drawn, **pinned})
+
+
+def draw_tile_edges(draws, vocab: int, *, min_inner: int = 0) -> list[int]:
+    """Edges 0 = e_0 < e_1 < ... < e_k = vocab of tiles of vocabulary columns: up to 4
+    inner edges anywhere (tiles of one column, unaligned tile starts), at least min_inner
+    where the vocabulary has room."""
+    count = draws.randint(min(min_inner, vocab - 1), min(4, vocab - 1))
+    return [0, *sorted({draws.randint(1, vocab - 1) for _ in range(count)}), vocab]
+
+
+def draw_pair_values(draws, pairs: int | None = None) -> list[list[float]]:
+    """Four lists of B (1 to 8 unless given) values: the chosen and rejected margins of B
+    pairs (any sign), then their KLs (>= 0)."""
+    b = draws.randint(1, 8) if pairs is None else pairs
+    values = []
+    for nonnegative in (False, False, True, True):
+        bound = draws.choice(PAIR_SCALES)
+        values.append([draws.uniform(0.0 if nonnegative else -bound, bound) for _ in range(b)])
+    return values
+
+
+def labels_in_layout(labels: torch.Tensor, layout: str, vocab: int) -> torch.Tensor:
+    """A tensor equal to labels (N, T), laid out as named (LABEL_LAYOUTS); a view of a
+    larger tensor holds vocab around the view: a kernel that reads outside it meets a
+    label outside the vocabulary."""
+    n, t = labels.shape
+    if layout == "contiguous":
+        return labels.clone(memory_format=torch.contiguous_format)
+    if layout == "slice_t":
+        big = labels.new_full((n, t + 1), vocab)
+        big[:, 1:] = labels
+        return big[:, 1:]
+    if layout == "transposed":
+        return labels.t().contiguous().t()
+    raise ValueError(layout)
 
 
 def _in_layout(values: torch.Tensor, layout: str, requires_grad: bool) -> torch.Tensor:
@@ -99,6 +158,10 @@ def _in_layout(values: torch.Tensor, layout: str, requires_grad: bool) -> torch.
         return padded((n, 2 * t, v), lambda big: big[:, ::2])
     if layout == "slice_v":
         return padded((n, t, v + 3), lambda big: big[..., :v])
+    if layout == "offset":
+        return padded((n, t, v + 1), lambda big: big[..., 1:])
+    if layout == "transposed":
+        return padded((t, n, v), lambda big: big.transpose(0, 1))
     if layout == "expanded":
         return leaf(values[:1].clone()).expand(n, t, v)
     if layout == "vocab_strided":
@@ -109,7 +172,7 @@ def _in_layout(values: torch.Tensor, layout: str, requires_grad: bool) -> torch.
 def build(case: Case, device: str, *, policy_requires_grad: bool = True):
     """(policy_logits, ref_logits, labels) on device, in the case's dtypes and layouts;
     policy_logits is in the autograd graph when policy_requires_grad. An "expanded"
-    tensor repeats its row 0 in every row."""
+    tensor repeats its row 0 in every row; the labels are in the case's labels_layout."""
     gen = torch.Generator().manual_seed(case.seed)
     shape = (case.n, case.t, case.v)
 
@@ -137,5 +200,5 @@ def build(case: Case, device: str, *, policy_requires_grad: bool = True):
     policy = _in_layout(policy.to(case.policy_dtype).to(device), case.policy_layout,
                         policy_requires_grad)
     ref = _in_layout(ref.to(case.ref_dtype).to(device), case.ref_layout, False)
-    return policy, ref, labels.to(device)
+    return policy, ref, labels_in_layout(labels.to(device), case.labels_layout, case.v)
 

@@ -1,7 +1,7 @@
-"""The cases of scripts/gpu/sanitizer_case.py on the emulated CUDA kernels
-(tests/cuda_kernels.py) built with AddressSanitizer and UndefinedBehaviorSanitizer, and
-separately with ThreadSanitizer: every case must match the CPU ops, and the sanitizer
-must report nothing. Each run is a child process of the sanitized interpreter that CMake
+"""The table of kernel cases (tests/kernel_cases.py), through scripts/gpu/sanitizer_case.py,
+on the emulated CUDA kernels (tests/cuda_kernels.py) built with AddressSanitizer and
+UndefinedBehaviorSanitizer, and separately with ThreadSanitizer: every case must match the
+CPU ops, and the sanitizer must report nothing. Each run is a child process of the sanitized interpreter that CMake
 builds beside the library (a sanitizer's runtime must be the first thing a process loads).
 With the builds (tests/cuda_kernels.py) and test_cuda_matches_cpu.py, 1 min 41 s on a quiet
 2-core machine from an empty build folder; 5 minutes on a busy one."""

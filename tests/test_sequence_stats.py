@@ -11,7 +11,8 @@ import tdpo_ext
 from compare import assert_within
 from error_bounds import (EPS32, GRAD_ATOL, GRAD_RTOL, RTOL, ULPS, policy_grad_scale,
                           upstream_token_grads)
-from inputs import DTYPES, Case, build, cases
+from inputs import DTYPES, Case, build
+from strategies import cases
 from tdpo_ext.reference import reference_sequence_stats
 
 # Tolerances: RTOL, ULPS, GRAD_RTOL and GRAD_ATOL of error_bounds.py. The kernels compute

@@ -10,7 +10,8 @@ import tdpo_ext
 from compare import assert_within
 from error_bounds import (EPS32, GRAD_ATOL, GRAD_RTOL, RTOL, ULPS, policy_grad_scale,
                           tdpo_loss_coef_error, upstream_token_grads)
-from inputs import DTYPES, Case, build, cases
+from inputs import DTYPES, Case, build
+from strategies import cases
 
 # Tolerances: RTOL, ULPS, GRAD_RTOL and GRAD_ATOL of error_bounds.py (float32 arithmetic
 # for every input dtype), carried through the pairwise loss: a pair's loss moves by at

@@ -11,14 +11,11 @@ import oracle
 import tdpo_ext
 from compare import assert_within
 from error_bounds import EPS32, GRAD_ATOL, GRAD_RTOL, RTOL, ULPS, policy_grad_scale
-from inputs import Case, build, cases
+from inputs import Case, build
+from strategies import cases, tile_edges
 
 ops = torch.ops.tdpo_ext
 STAT_NAMES = ("logp_pol", "logp_ref", "token_kl", "lse_pol", "lse_ref")
-
-
-def tile_edges(vocab: int, inner) -> list[int]:
-    return [0, *sorted(set(inner)), vocab]
 
 
 def tiled_token_stats(policy, ref, targets, ignore_index, edges):
@@ -41,8 +38,7 @@ def tiled_backward(grad_logp, grad_kl, policy, ref, targets, lse_pol, lse_ref, i
 def test_tiles_match_whole_rows(device, case, data):
     policy, ref, labels = build(case, device, policy_requires_grad=False)
     targets = tdpo_ext.shift_labels(labels, case.ignore_index)
-    inner = data.draw(st.lists(st.integers(1, case.v - 1), max_size=4)) if case.v > 1 else []
-    edges = tile_edges(case.v, inner)
+    edges = data.draw(tile_edges(case.v))
 
     whole = ops.token_stats(policy, ref, targets, case.ignore_index)
     tiled = tiled_token_stats(policy, ref, targets, case.ignore_index, edges)

@@ -7,10 +7,11 @@
 # build        the extension in place for this card only               build.log          80 s
 #              (TORCH_CUDA_ARCH_LIST = its compute capability,
 #              MAX_JOBS=16, TDPO_EXT_CUDA=1, setup.py build_ext --inplace)
-# cuda_vs_cpu  scripts/gpu/sanitizer_case.py: every kernel path         cuda_vs_cpu.log    10 s
-#              (token_stats, token_stats_backward with and without
-#              vocab_start, token_stats_tile, token_stats_finish,
-#              preference_loss and its backward) against the CPU op
+# cuda_vs_cpu  scripts/gpu/sanitizer_case.py: the table of kernel cases  cuda_vs_cpu.log    10 s
+#              (tests/kernel_cases.py: token_stats, token_stats_backward
+#              with and without vocab_start, token_stats_tile,
+#              token_stats_finish, preference_loss and its backward)
+#              against the CPU op
 # tests        the CUDA tests of the suite on the device (pytest -k       tests.log          25 s
 #              "(cuda or CUDA) and not emulat": the emulated kernels
 #              run in CI, on every machine)
