@@ -32,6 +32,8 @@ from trl.trainer.utils import get_config_model_id, use_adapter
 from ..fused_linear import fused_linear_sequence_stats
 from ..lm_head import LMHead, add_fused_head, head_inputs, lm_head_of, verify_lm_head
 from ..ops import check_device_has_kernels, pairwise_output, sequence_stats
+from .compat import (TRL_VERSION, liger_bypasses_compute_loss, seed_before_adapters,
+                     tensor_parallel_size)
 from .dataset_checks import check_preference_dataset
 
 __all__ = ["TDPOConfig", "TDPOTrainer", "LOSS_TYPES"]
@@ -111,6 +113,10 @@ def _refusal(args: TDPOConfig) -> str | None:
                 "KL(pi_ref || pi_theta)")
     if args.use_weighting:
         return "use_weighting (WPO) is not implemented for TDPO"
+    if args.use_liger_kernel and liger_bypasses_compute_loss():
+        return (f"use_liger_kernel=True makes TRL {TRL_VERSION} compute Liger's DPO loss "
+                "instead of TDPO's (TRL 1.14 and later only patch the model's kernels); "
+                "set use_liger_kernel=False or upgrade TRL")
     if args.label_smoothing:
         return ("label_smoothing belongs to the 'robust' and 'exo_pair' losses, not to "
                 f"{args.loss_type[0]!r}")
@@ -175,6 +181,7 @@ class TDPOTrainer(DPOTrainer):
                             for key, dataset in eval_dataset.items()}
         elif eval_dataset is not None:
             eval_dataset = check_preference_dataset(eval_dataset, "eval")
+        seed_before_adapters(args.seed)
         super().__init__(model, ref_model, args, data_collator, train_dataset, eval_dataset,
                          *rest, **kwargs)
         self.variant = LOSS_TYPES[args.loss_type[0]]
@@ -276,6 +283,6 @@ class TDPOTrainer(DPOTrainer):
             metrics[name].append(value.mean().item())
         if mode == "train":
             tokens = gather(inputs["attention_mask"].sum()).sum().item()
-            self._total_train_tokens += tokens // self._tp_size
+            self._total_train_tokens += tokens // tensor_parallel_size(self)
         metrics["num_tokens"] = [self._total_train_tokens]
 
