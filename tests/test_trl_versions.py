@@ -41,3 +41,19 @@ def test_other_release_is_named_at_import(version):
         f"ImportError: tdpo_ext.trl supports TRL{compat.SUPPORTED} (the releases its tests "
         f"ran on), and this environment has TRL {version}: install a supported release "
         f"with `pip install \"trl{compat.SUPPORTED}\"`"), done.stderr[-2000:]
+
+
+def test_liger_kernel_is_refused_where_it_would_replace_the_loss(tmp_path):
+    """Before TRL 1.14, use_liger_kernel=True routes DPOTrainer.compute_loss to Liger's DPO
+    loss, past TDPOTrainer's: refused there; since 1.14 it only patches kernels."""
+    from tdpo_ext.trl import TDPOConfig
+
+    def config():
+        return TDPOConfig(output_dir=str(tmp_path), use_cpu=True, use_liger_kernel=True)
+
+    if compat.TRL_VERSION < Version("1.14"):
+        with pytest.raises(ValueError, match=r"use_liger_kernel=True makes TRL 1\.\d+\.\d+ "
+                                             r"compute Liger's DPO loss instead of TDPO's"):
+            config()
+    else:
+        assert config().use_liger_kernel
