@@ -4,6 +4,7 @@ it, datasets from a local file and folder, LoRA flags, one process (run in the t
 process) against two (torchrun, gloo), and what it saves."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -43,6 +44,13 @@ def run_cli(args, procs=1):
     done = subprocess.run(launcher + ["-m", "tdpo_ext.trl", *args], env=ENV,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_console_script_is_this_cli():
+    """setup.py's tdpo-trl entry point names the function these tests run."""
+    with open(os.path.join(os.path.dirname(HERE), "setup.py")) as f:
+        (module, function), = re.findall(r'"tdpo-trl=([\w.]+):(\w+)"', f.read())
+    assert getattr(importlib.import_module(module), function) is cli
 
 
 # Installed as sitecustomize in a `python -m tdpo_ext.trl` process: at its exit, the
