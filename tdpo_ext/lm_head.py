@@ -211,8 +211,8 @@ def last_hidden_state(output) -> Tensor:
 
 def _zero3_gathered(*params):
     """A context in which DeepSpeed ZeRO-3 partitioned parameters hold their whole data
-    (once, however many times one is passed); a null context for those already gathered (a
-    tied head, held by the input embedding's module), which ZeRO-3 repartitions itself."""
+    (once, however many times one is passed); those already gathered (a tied head, held by
+    the input embedding's module) are left to ZeRO-3, which repartitions them itself."""
     import deepspeed  # only ZeRO-3 parameters have a ds_id
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     partitioned = {id(p): p for p in params
@@ -296,5 +296,10 @@ def head_inputs(model, **inputs) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     its own forward call (add_fused_head), for a frozen reference whose side of the fused
     loss is computed after its forward call returns (whole_head keeps them valid)."""
     read = []
-    model(**inputs, fused_head=lambda *tensors: read.append(tensors) or ())
+
+    def keep(hidden, weight, bias):
+        read.append((hidden, weight, bias))
+        return ()  # what the forward call returns: nothing beyond what is kept
+
+    model(**inputs, fused_head=keep)
     return read[0]
