@@ -275,7 +275,7 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["tdpo-train=tdpo_ext.training.train:main",
                                       "tdpo-experiment=tdpo_ext.training.experiment:main",
-                                      "tdpo-trl=tdpo_ext.trl_cli:cli"]},
+                                      "tdpo-trl=tdpo_ext.trl.cli:cli"]},
 )
 
 

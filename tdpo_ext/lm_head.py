@@ -3,7 +3,6 @@ hidden state the head reads, the head's weight and bias, and what the model does
 head's output (a scale, a soft-cap). Duck-typed: nothing here imports transformers."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import types
 from typing import NamedTuple, Optional
@@ -212,16 +211,51 @@ def last_hidden_state(output) -> Tensor:
 
 def _zero3_gathered(*params):
     """A context in which DeepSpeed ZeRO-3 partitioned parameters hold their whole data
-    (once, however many times one is passed); a null context for any other parameters, and
-    for those already gathered (a tied head, held by the input embedding's module), which
-    ZeRO-3 repartitions itself."""
-    params = [p for p in params if p is not None and hasattr(p, "ds_id")]
-    if not params:
-        return contextlib.nullcontext()
+    (once, however many times one is passed); those already gathered (a tied head, held by
+    the input embedding's module) are left to ZeRO-3, which repartitions them itself."""
     import deepspeed  # only ZeRO-3 parameters have a ds_id
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-    partitioned = {id(p): p for p in params if p.ds_status != ZeroParamStatus.AVAILABLE}
+    partitioned = {id(p): p for p in params
+                   if p is not None and p.ds_status != ZeroParamStatus.AVAILABLE}
     return deepspeed.zero.GatheredParameters(list(partitioned.values()))
+
+
+def _unsharded_by_fsdp(model, weight: Tensor) -> bool:
+    """Whether FSDP unsharded ``weight`` for this forward call, and so may free its storage
+    when the call returns: FSDP1 marks the parameters it flattened (use_orig_params) or
+    hands out views of its flat parameter; FSDP2 marks nothing on the unsharded tensors it
+    swaps in for the call, only the modules it wraps, of which ``model`` is or holds one
+    (accelerate wraps the root and, with its transformer-based policy, the decoder layers)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._common_utils import _is_fsdp_flattened
+    base = weight._base
+    if _is_fsdp_flattened(weight) or (base is not None and _is_fsdp_flattened(base)):
+        return True
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+def whole_head(model) -> tuple[Tensor, Optional[Tensor]]:
+    """``model``'s LM-head weight and bias, inside its forward call: whole, and valid after
+    the call returns (for a loss computed then, or a backward), decided by how the
+    parameters themselves are held. Each is made whole once per call, never once per tile:
+    - DeepSpeed ZeRO-3 partitioned (they have a ds_id): gathered and cloned, since ZeRO-3
+      partitions them again when the gather ends; the clones' gradients flow into the
+      partitioned parameters.
+    - DTensors (a head sharded on its own, tensor parallelism): full_tensor(), a new
+      tensor whose gradient flows into the shards.
+    - unsharded by FSDP for the call (_unsharded_by_fsdp): cloned, since FSDP frees their
+      storage when the call returns; the gradients reach the shards through FSDP's hooks.
+    - otherwise the parameters themselves."""
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    if hasattr(weight, "ds_id"):
+        with _zero3_gathered(weight, bias):
+            return weight.clone(), None if bias is None else bias.clone()
+    if isinstance(weight, DTensor):
+        return weight.full_tensor(), None if bias is None else bias.full_tensor()
+    if _unsharded_by_fsdp(model, weight):
+        return weight.clone(), None if bias is None else bias.clone()
+    return weight, bias
 
 
 def add_fused_head(model, body: torch.nn.Module) -> None:
@@ -232,11 +266,7 @@ def add_fused_head(model, body: torch.nn.Module) -> None:
     synchronize gradients and ZeRO-3 needs to reduce them. Without fused_head, the forward
     is the one before, so generation is unchanged.
 
-    A sharded head is made whole once per call, never once per tile: FSDP2 has already
-    unsharded it for the call (or, where the head is a DTensor of its own, full_tensor()
-    gathers it); a DeepSpeed ZeRO-3 partitioned head is gathered here and copied, since
-    ZeRO-3 partitions it again when the call returns, before the loss's backward reads
-    it: the copy's gradient flows into the partitioned parameter."""
+    whole_head says how a sharded head is made whole."""
     previous_forward = model.forward
 
     # Keep the original signature: `generate` validates its model kwargs against it.
@@ -248,15 +278,7 @@ def add_fused_head(model, body: torch.nn.Module) -> None:
             return previous_forward(*args, **kwargs)
         kwargs["use_cache"] = False
         hidden = last_hidden_state(body(*args, **kwargs))
-        head = self.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        zero3 = hasattr(weight, "ds_id")
-        with _zero3_gathered(weight, bias):
-            if zero3:
-                weight, bias = weight.clone(), None if bias is None else bias.clone()
-        if isinstance(weight, DTensor):
-            weight = weight.full_tensor()
-            bias = None if bias is None else bias.full_tensor()
+        weight, bias = whole_head(self)
         device_type = hidden.device.type
         dtype = (torch.get_autocast_dtype(device_type)
                  if torch.is_autocast_enabled(device_type) else weight.dtype)
@@ -269,20 +291,15 @@ def add_fused_head(model, body: torch.nn.Module) -> None:
     model.forward = types.MethodType(forward, model)
 
 
-def head_inputs(model, *, copy: bool = False, **inputs
-                ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+def head_inputs(model, **inputs) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """(hidden, weight, bias): what ``model``'s fused head reads for these inputs, through
     its own forward call (add_fused_head), for a frozen reference whose side of the fused
-    loss is computed after its forward call returns. ``copy``: copy the weight and bias
-    within the call, for a model whose wrapper frees their unsharded storage when the call
-    returns (FSDP)."""
+    loss is computed after its forward call returns (whole_head keeps them valid)."""
     read = []
 
     def keep(hidden, weight, bias):
-        if copy:
-            weight, bias = weight.clone(), None if bias is None else bias.clone()
         read.append((hidden, weight, bias))
-        return ()
+        return ()  # what the forward call returns: nothing beyond what is kept
 
     model(**inputs, fused_head=keep)
     return read[0]

@@ -4,6 +4,8 @@ it, datasets from a local file and folder, LoRA flags, one process (run in the t
 process) against two (torchrun, gloo), and what it saves."""
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import re
 import subprocess
@@ -19,7 +21,7 @@ yaml = pytest.importorskip("yaml")
 from safetensors.torch import load_file  # noqa: E402
 
 from ports import free_port  # noqa: E402
-from tdpo_ext.trl_cli import cli, make_parser  # noqa: E402
+from tdpo_ext.trl.cli import cli, make_parser  # noqa: E402
 from trl_setup import make_dataset, make_model, save_model_folder  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,6 +44,46 @@ def run_cli(args, procs=1):
     done = subprocess.run(launcher + ["-m", "tdpo_ext.trl", *args], env=ENV,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_console_script_is_this_cli():
+    """setup.py's tdpo-trl entry point names the function these tests run."""
+    with open(os.path.join(os.path.dirname(HERE), "setup.py")) as f:
+        (module, function), = re.findall(r'"tdpo-trl=([\w.]+):(\w+)"', f.read())
+    assert getattr(importlib.import_module(module), function) is cli
+
+
+# Installed as sitecustomize in a `python -m tdpo_ext.trl` process: at its exit, the
+# TDPOConfig classes that its modules hold, by module name.
+COUNT_CONFIG_CLASSES = """
+import atexit, json, sys
+
+def count():
+    held = {}
+    for name, module in list(sys.modules.items()):
+        config = getattr(module, "TDPOConfig", None)
+        if isinstance(config, type):
+            held.setdefault(f"{config.__module__}.{id(config)}", []).append(name)
+    print("TDPOConfig classes:", json.dumps(held))
+
+atexit.register(count)
+"""
+
+
+def test_python_m_runs_one_trainer_module(tmp_path):
+    """`python -m tdpo_ext.trl` imports the trainer once: one TDPOConfig class in the
+    process (a module run as __main__ that the command line imports again under its own
+    name would define a second one, which TrlParser and isinstance checks would tell
+    apart)."""
+    (tmp_path / "sitecustomize.py").write_text(COUNT_CONFIG_CLASSES)
+    env = dict(ENV, PYTHONPATH=os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-m", "tdpo_ext.trl", "--help"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "usage: tdpo-trl" in done.stdout, done.stderr[-3000:]
+    (line,) = [line for line in done.stdout.splitlines()
+               if line.startswith("TDPOConfig classes:")]
+    held = json.loads(line.split(":", 1)[1])
+    assert len(held) == 1 and next(iter(held)).startswith("tdpo_ext.trl.trainer."), held
 
 
 def test_help_lists_every_field_with_its_default():

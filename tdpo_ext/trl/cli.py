@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from .trl import TDPOConfig, TDPOTrainer
+from .trainer import TDPOConfig, TDPOTrainer
 
 
 def make_parser(prog: str = "tdpo-trl"):

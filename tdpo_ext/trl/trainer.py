@@ -1,5 +1,4 @@
-"""TDPO for Hugging Face TRL users: TDPOConfig and TDPOTrainer, on TRL's DPOConfig and
-DPOTrainer (tested against TRL 1.16: ``pip install --no-build-isolation "tdpo-ext[trl]"``).
+"""TDPOConfig and TDPOTrainer, on TRL's DPOConfig and DPOTrainer.
 
     from tdpo_ext.trl import TDPOConfig, TDPOTrainer
     args = TDPOConfig(output_dir="out", loss_type="tdpo2", beta=0.1, tdpo_alpha=0.5)
@@ -15,8 +14,7 @@ DPOTrainer._compute_loss: both models run their backbones through their own forw
 (accelerate's DDP, FSDP and DeepSpeed wrappers see it), and with ``use_fused_linear`` (the
 default) the policy's forward hands its last hidden states and LM-head weight to
 fused_linear_sequence_stats, so that no (N, T, V) logits tensor exists. docs/TRL.md says
-which DPOConfig features work and which do not, and why. From TRL's command line:
-``tdpo-trl`` or ``python -m tdpo_ext.trl`` (tdpo_ext/trl_cli.py).
+which DPOConfig features work and which do not, and why.
 """
 from __future__ import annotations
 
@@ -31,10 +29,12 @@ from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, use_adapter
 
-from .fused_linear import fused_linear_sequence_stats
-from .lm_head import LMHead, add_fused_head, head_inputs, lm_head_of, verify_lm_head
-from .ops import check_device_has_kernels, pairwise_output, sequence_stats
-from .trl_datasets import check_preference_dataset
+from ..fused_linear import fused_linear_sequence_stats
+from ..lm_head import LMHead, add_fused_head, head_inputs, lm_head_of, verify_lm_head
+from ..ops import check_device_has_kernels, pairwise_output, sequence_stats
+from .compat import (TRL_VERSION, liger_bypasses_compute_loss, seed_before_adapters,
+                     tensor_parallel_size)
+from .dataset_checks import check_preference_dataset
 
 __all__ = ["TDPOConfig", "TDPOTrainer", "LOSS_TYPES"]
 
@@ -113,6 +113,10 @@ def _refusal(args: TDPOConfig) -> str | None:
                 "KL(pi_ref || pi_theta)")
     if args.use_weighting:
         return "use_weighting (WPO) is not implemented for TDPO"
+    if args.use_liger_kernel and liger_bypasses_compute_loss():
+        return (f"use_liger_kernel=True makes TRL {TRL_VERSION} compute Liger's DPO loss "
+                "instead of TDPO's (TRL 1.14 and later only patch the model's kernels); "
+                "set use_liger_kernel=False or upgrade TRL")
     if args.label_smoothing:
         return ("label_smoothing belongs to the 'robust' and 'exo_pair' losses, not to "
                 f"{args.loss_type[0]!r}")
@@ -177,6 +181,7 @@ class TDPOTrainer(DPOTrainer):
                             for key, dataset in eval_dataset.items()}
         elif eval_dataset is not None:
             eval_dataset = check_preference_dataset(eval_dataset, "eval")
+        seed_before_adapters(args.seed)
         super().__init__(model, ref_model, args, data_collator, train_dataset, eval_dataset,
                          *rest, **kwargs)
         self.variant = LOSS_TYPES[args.loss_type[0]]
@@ -224,9 +229,7 @@ class TDPOTrainer(DPOTrainer):
         # Prompt-learning PEFT prepends virtual tokens: keep the positions of the real ones.
         seq_len = labels.shape[1]
         with self._reference() as reference:
-            # FSDP frees the reference's unsharded head when its forward returns.
-            ref_hidden, ref_weight, ref_bias = head_inputs(
-                reference, copy=self.is_fsdp_enabled, **model_kwargs)
+            ref_hidden, ref_weight, ref_bias = head_inputs(reference, **model_kwargs)
 
         def policy_stats(hidden, weight, bias):
             return fused_linear_sequence_stats(
@@ -280,10 +283,6 @@ class TDPOTrainer(DPOTrainer):
             metrics[name].append(value.mean().item())
         if mode == "train":
             tokens = gather(inputs["attention_mask"].sum()).sum().item()
-            self._total_train_tokens += tokens // self._tp_size
+            self._total_train_tokens += tokens // tensor_parallel_size(self)
         metrics["num_tokens"] = [self._total_train_tokens]
 
-
-if __name__ == "__main__":  # python -m tdpo_ext.trl: the tdpo-trl command
-    from .trl_cli import cli
-    cli()
