@@ -160,3 +160,18 @@ class RunsSystem:
 
     def __reduce__(self):
         return os.system, ("true",)
+
+
+def test_torchs_forced_weights_only_load_is_named_not_taken_for_a_bad_file(
+        tmp_path, pairs, monkeypatch):
+    """TORCH_FORCE_WEIGHTS_ONLY_LOAD makes torch.load refuse our unpickler; the resume
+    says that, rather than calling a good checkpoint malformed, and changes nothing."""
+    out = tmp_path / "run"
+    assert train.main(["--data", pairs, "--steps", "2", "--batch-size", "4",
+                       "--eval-every", "10", "--no-plots", "--out", str(out)]) == 0
+    before = folder_digest(out)
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--resume", str(out)])
+    assert "while TORCH_FORCE_WEIGHTS_ONLY_LOAD is set" in str(refused.value)
+    assert folder_digest(out) == before

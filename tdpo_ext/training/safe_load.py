@@ -119,6 +119,13 @@ def _torch_object(f, path: str):
                       f"{(climbing or sorted(names))[0]!r})")
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
         raise refusal(path, "it is a TorchScript archive, which holds code")
+    if os.getenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true"):
+        # torch.load would then swap our unpickler for its own allowlist (which admits
+        # traceback.FrameSummary) or, given ours, fail with a message about pickle_module.
+        raise SystemExit(f"tdpo-train: cannot read {path} while TORCH_FORCE_WEIGHTS_ONLY_LOAD "
+                         "is set: it makes torch.load use torch's weights-only allowlist "
+                         "in place of tdpo-train's stricter unpickler. Unset it for "
+                         "tdpo-train; nothing in the run folder was changed")
     f.seek(0)
     try:
         return torch.load(f, map_location="cpu", weights_only=False,
