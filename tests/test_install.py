@@ -4,11 +4,14 @@ on the newest; without torch it stops at once with one line saying what to run, 
 fetches a torch to compile against. The wheel of `pip wheel .` installs into another fresh
 environment with the same torch and imports from outside the checkout.
 
-The environments that have torch are created with --system-site-packages: torch is the
-one already installed on this machine, and everything tdpo-ext installs goes into the new
-environment. That is still a faithful test of build isolation: pip's isolated build hides
-the system site-packages too, so the build must find torch exactly as it does in a user's
-environment, instead of downloading 3 GB of torch and its CUDA libraries for each run.
+The environments that have torch see the torch of the environment pytest runs in: a .pth
+file in the new environment names that environment's site-packages folders, after the new
+environment's own, so everything tdpo-ext installs goes into the new environment. (Not
+--system-site-packages: from inside a venv or conda environment, that exposes the base
+interpreter's site-packages, which need not hold a torch.) That is still a faithful test of
+build isolation: pip's isolated build hides those folders too, so the build must find torch
+exactly as it does in a user's environment, instead of downloading 3 GB of torch and its
+CUDA libraries for each run.
 
 The build hides nvcc (PATH without it, no CUDA_HOME): the CPU-only build is the quick one,
 and it is the case whose end-of-build notice and run-time refusal are checked here. One
@@ -18,8 +21,10 @@ and ninja from it)."""
 import glob
 import os
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import zipfile
 
 import pytest
@@ -69,10 +74,28 @@ def must_run(args, cwd, timeout=600) -> str:
     return output
 
 
-def make_venv(path, system_site_packages: bool):
-    args = [sys.executable, "-m", "venv", path]
-    must_run(args + (["--system-site-packages"] if system_site_packages else []), cwd=path.parent)
-    return path / "bin" / "python"
+def running_site_folders() -> list:
+    """The site-packages folders of the environment this process runs in (a venv's or conda
+    environment's own, and the base interpreter's where it includes them): where its torch
+    is."""
+    folders = site.getsitepackages() + [sysconfig.get_path("purelib"),
+                                        sysconfig.get_path("platlib")]
+    if site.ENABLE_USER_SITE:
+        folders.append(site.getusersitepackages())
+    return [f for f in dict.fromkeys(folders) if os.path.isdir(f)]
+
+
+def make_venv(path, sees_running_torch: bool):
+    """A fresh virtual environment at path: its python. With sees_running_torch, a .pth file
+    puts the running environment's site-packages after the new environment's own."""
+    must_run([sys.executable, "-m", "venv", path], cwd=path.parent)
+    python = path / "bin" / "python"
+    if sees_running_torch:
+        purelib = must_run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                           cwd=path.parent).strip()
+        with open(os.path.join(purelib, "running_environment.pth"), "w") as f:
+            f.write("".join(folder + "\n" for folder in running_site_folders()))
+    return python
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +150,7 @@ def test_without_torch_pip_stops_at_once_with_one_line(work):
     `pip install --no-build-isolation` stop with setup.py's one line, on the machine's pip
     and on the newest, and no torch is downloaded."""
     env_dir = work / "no-torch"
-    python = make_venv(env_dir, system_site_packages=False)
+    python = make_venv(env_dir, sees_running_torch=False)
     expected = _read_no_torch_message()
     # So that --no-build-isolation gets as far as setup.py, as with the tools it names.
     must_run([python, "-m", "pip", "install", tool(work, "setuptools"), tool(work, "ninja")],
@@ -152,7 +175,7 @@ def user_env(work):
     """A fresh environment that sees the installed torch, where plain
     `pip install ".[trl]"` (isolated, the machine's pip) has built and installed tdpo-ext."""
     env_dir = work / "user"
-    python = make_venv(env_dir, system_site_packages=True)
+    python = make_venv(env_dir, sees_running_torch=True)
     output = must_run([python, "-m", "pip", "install", "-v", ".[trl]"], cwd=work / "src",
                       timeout=1800)
     return python, env_dir, output
@@ -188,7 +211,7 @@ def test_newest_pip_wheel_installs_into_a_fresh_environment(user_env, work):
     assert requires == [f"Requires-Dist: torch=={TORCH_RELEASE}"], requires
 
     fresh_dir = work / "fresh"
-    fresh = make_venv(fresh_dir, system_site_packages=True)
+    fresh = make_venv(fresh_dir, sees_running_torch=True)
     must_run([fresh, "-m", "pip", "install", wheel], cwd=work)
     check_import(fresh, fresh_dir, cwd=work)
 
