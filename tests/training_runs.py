@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from compare import assert_adam_alike
 from ports import free_port
 
 from tdpo_ext.training import checkpoint
@@ -97,6 +98,14 @@ def assert_same_metrics(a, b):
 
 def final_params(folder):
     return torch.load(os.path.join(folder, "final", "model.pt"), weights_only=True)
+
+
+def assert_trained_alike(actual, expected, run):
+    """Parameters (name -> tensor) trained like `expected`, the one-process run in folder
+    `run` whose gradients differ from theirs in rounding only: within what AdamW can move
+    them in that run's steps at its learning rate (tests/compare.py says why)."""
+    cfg = json.loads(open(os.path.join(run, "config.json")).read())
+    assert_adam_alike(actual, expected, lr=cfg["lr"], steps=cfg["steps"], name=str(run))
 
 
 def assert_same_params(a, b):
