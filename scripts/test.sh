@@ -8,4 +8,16 @@ cd "$(dirname "$0")/.."
 # do not need).
 bash scripts/setup.sh pytest hypothesis tqdm matplotlib vadersentiment transformers tokenizers \
   "deepspeed>=0.19,<0.20" -r requirements/trl.txt
-python3 -m pytest tests "$@"
+status=0
+python3 -m pytest tests "$@" || status=$?
+# On a CPU with AVX512, the op tests again on the AVX2 paths (torch's, and our kernels',
+# which follow torch's choice): what a CPU without AVX512 runs. Both runs must pass.
+if [ "$(python3 -c 'import torch; print(torch.backends.cpu.get_cpu_capability())')" = AVX512 ]
+then
+  echo "== the op tests again under ATEN_CPU_CAPABILITY=avx2"
+  ATEN_CPU_CAPABILITY=avx2 python3 -m pytest tests/test_facts.py tests/test_token_stats_kl.py \
+    tests/test_token_stats_tile.py tests/test_sequence_stats.py tests/test_preference_loss.py \
+    tests/test_tdpo_loss.py tests/test_fused_linear.py tests/test_lm_head.py \
+    tests/test_mixed_precision.py tests/test_errors.py tests/test_opcheck.py "$@" || status=$?
+fi
+exit $status
