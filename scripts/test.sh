@@ -14,8 +14,11 @@ python3 -m pytest tests "$@" || status=$?
 # which follow torch's choice): what a CPU without AVX512 runs. Both runs must pass.
 if [ "$(python3 -c 'import torch; print(torch.backends.cpu.get_cpu_capability())')" = AVX512 ]
 then
-  echo "== the op tests again under ATEN_CPU_CAPABILITY=avx2"
-  ATEN_CPU_CAPABILITY=avx2 python3 -m pytest tests/test_facts.py tests/test_token_stats_kl.py \
+  export ATEN_CPU_CAPABILITY=avx2
+  python3 -c "import torch; from tdpo_ext import _C; print('== the op tests again under \
+ATEN_CPU_CAPABILITY=avx2: torch', torch.backends.cpu.get_cpu_capability(), '| tdpo_ext', \
+_C.cpu_kernel_capability())"
+  python3 -m pytest tests/test_facts.py tests/test_token_stats_kl.py \
     tests/test_token_stats_tile.py tests/test_sequence_stats.py tests/test_preference_loss.py \
     tests/test_tdpo_loss.py tests/test_fused_linear.py tests/test_lm_head.py \
     tests/test_mixed_precision.py tests/test_errors.py tests/test_opcheck.py "$@" || status=$?
