@@ -62,6 +62,14 @@ DEVICES = ["cpu"] + ([pytest.param("cuda", marks=_CUDA_UNBUILT)]
                      if torch.cuda.is_available() else [])
 
 
+def pytest_report_header(config):
+    # Which SIMD paths this run takes (ATEN_CPU_CAPABILITY picks torch's and ours):
+    # scripts/test.sh runs the op tests on two.
+    from tdpo_ext import _C
+    return (f"CPU capability: torch {torch.backends.cpu.get_cpu_capability()}, tdpo_ext "
+            f"kernels {_C.cpu_kernel_capability()}")
+
+
 @pytest.fixture(params=DEVICES, scope="session")
 def device(request) -> str:
     return request.param

@@ -15,8 +15,9 @@ import traceback
 
 import pytest
 import torch
-from training_runs import (RunsCode, folder_digest, pairs, plant_in_sharded_checkpoint,
-                           stage_state, tiny_model_and_optimizer)
+from training_runs import (PicklerOfEnumsByName, RunsCode, folder_digest, pairs,
+                           plant_in_sharded_checkpoint, stage_state,
+                           tiny_model_and_optimizer)
 
 from tdpo_ext.training import checkpoint, train
 from tdpo_ext.training.processes import ONE_CPU_PROCESS
@@ -53,8 +54,8 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path, pairs):
                                             path, out, marker)
 
 
-SHARDED_PLANTS = ["training_state", "metadata", "rank_local", "shard_entry",
-                  "metadata_outside", "shard_outside", "storage_data_type"]
+SHARDED_PLANTS = ["training_state", "metadata", "metadata_getattr", "rank_local",
+                  "shard_entry", "metadata_outside", "shard_outside", "storage_data_type"]
 
 
 def save_sharded_and_plant(tmp_path, kind, marker):
@@ -79,12 +80,22 @@ def test_a_sharded_checkpoint_that_would_run_code_is_refused(tmp_path, kind):
     assert_refused_without_running_code(load, path, tmp_path, marker)
 
 
-def test_a_sharded_checkpoint_loads_in_one_process(tmp_path):
-    """What the refusals above are measured against: the unplanted checkpoint loads."""
+@pytest.mark.parametrize("enums", ["by_value", "by_name"])
+def test_a_sharded_checkpoint_loads_in_one_process(tmp_path, enums):
+    """What the refusals above are measured against: the unplanted checkpoint loads, also
+    with the enum members of its .metadata pickled by name, as Python 3.11.2 writes them."""
     folder = str(tmp_path / checkpoint.FOLDER)
     saved, opt = tiny_model_and_optimizer(0)
     state, shape = stage_state(opt, 2)
     checkpoint.save_sharded(folder, saved, opt, state, ONE_CPU_PROCESS)
+    if enums == "by_name":
+        path = os.path.join(folder, ".metadata")
+        with open(path, "rb") as f:
+            metadata = pickle.load(f)
+        with open(path, "wb") as f:
+            PicklerOfEnumsByName(f).dump(metadata)
+        with open(path, "rb") as f:
+            assert b"getattr" in f.read()
     model, opt = tiny_model_and_optimizer(1)
     assert checkpoint.load_sharded(folder, model, opt, ONE_CPU_PROCESS, shape)["step"] == 2
     for a, b in zip(saved.parameters(), model.parameters()):

@@ -2,6 +2,7 @@
 variant names, the size of a tile state, the bad-label message (csrc/python_module.cpp
 exports them), and the list of sources both builds compile (csrc/build.txt)."""
 import os
+import platform
 import re
 
 import pytest
@@ -69,3 +70,14 @@ def test_build_list_capabilities_are_the_ones_the_ops_know():
     capabilities = [words[0] for kind, words in _build_list() if kind == "capability"]
     assert set(capabilities) == picked | {"DEFAULT"}
     assert _C.cpu_kernel_capability() in capabilities
+
+
+def test_the_kernels_run_are_torchs_capability_choice():
+    """The kernel copy run is the one of torch's capability (ATEN_CPU_CAPABILITY=avx2 on an
+    AVX512 CPU runs our AVX2 kernels: scripts/test.sh), or the best one built below it."""
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    chosen = torch.backends.cpu.get_cpu_capability()
+    built = [words[0] for kind, words in _build_list()
+             if kind == "capability" and words[1] in ("any", platform.machine())]
+    below = order[:order.index(chosen) + 1] if chosen in order else ["DEFAULT"]
+    assert _C.cpu_kernel_capability() == [c for c in below if c in built][-1]

@@ -4,11 +4,12 @@ on the newest; without torch it stops at once with one line saying what to run, 
 fetches a torch to compile against. The wheel of `pip wheel .` installs into another fresh
 environment with the same torch and imports from outside the checkout.
 
-The environments that have torch are created with --system-site-packages: torch is the
-one already installed on this machine, and everything tdpo-ext installs goes into the new
-environment. That is still a faithful test of build isolation: pip's isolated build hides
-the system site-packages too, so the build must find torch exactly as it does in a user's
-environment, instead of downloading 3 GB of torch and its CUDA libraries for each run.
+The environments that have torch see the torch of the environment pytest runs in
+(tests/environments.py), after the new environment's own packages, so everything tdpo-ext
+installs goes into the new environment. That is still a faithful test of
+build isolation: pip's isolated build hides those folders too, so the build must find torch
+exactly as it does in a user's environment, instead of downloading 3 GB of torch and its
+CUDA libraries for each run.
 
 The build hides nvcc (PATH without it, no CUDA_HOME): the CPU-only build is the quick one,
 and it is the case whose end-of-build notice and run-time refusal are checked here. One
@@ -24,6 +25,8 @@ import zipfile
 
 import pytest
 import torch
+
+from environments import make_venv
 
 from tdpo_ext.ops import NO_CUDA_KERNELS
 
@@ -67,12 +70,6 @@ def must_run(args, cwd, timeout=600) -> str:
     status, output = run(args, cwd, timeout)
     assert status == 0, f"{' '.join(map(str, args))} failed:\n{output[-6000:]}"
     return output
-
-
-def make_venv(path, system_site_packages: bool):
-    args = [sys.executable, "-m", "venv", path]
-    must_run(args + (["--system-site-packages"] if system_site_packages else []), cwd=path.parent)
-    return path / "bin" / "python"
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +124,7 @@ def test_without_torch_pip_stops_at_once_with_one_line(work):
     `pip install --no-build-isolation` stop with setup.py's one line, on the machine's pip
     and on the newest, and no torch is downloaded."""
     env_dir = work / "no-torch"
-    python = make_venv(env_dir, system_site_packages=False)
+    python = make_venv(env_dir, sees_running_environment=False)
     expected = _read_no_torch_message()
     # So that --no-build-isolation gets as far as setup.py, as with the tools it names.
     must_run([python, "-m", "pip", "install", tool(work, "setuptools"), tool(work, "ninja")],
@@ -152,7 +149,7 @@ def user_env(work):
     """A fresh environment that sees the installed torch, where plain
     `pip install ".[trl]"` (isolated, the machine's pip) has built and installed tdpo-ext."""
     env_dir = work / "user"
-    python = make_venv(env_dir, system_site_packages=True)
+    python = make_venv(env_dir, sees_running_environment=True)
     output = must_run([python, "-m", "pip", "install", "-v", ".[trl]"], cwd=work / "src",
                       timeout=1800)
     return python, env_dir, output
@@ -188,7 +185,7 @@ def test_newest_pip_wheel_installs_into_a_fresh_environment(user_env, work):
     assert requires == [f"Requires-Dist: torch=={TORCH_RELEASE}"], requires
 
     fresh_dir = work / "fresh"
-    fresh = make_venv(fresh_dir, system_site_packages=True)
+    fresh = make_venv(fresh_dir, sees_running_environment=True)
     must_run([fresh, "-m", "pip", "install", wheel], cwd=work)
     check_import(fresh, fresh_dir, cwd=work)
 

@@ -1,8 +1,10 @@
 """Helpers of the training tests: tdpo-train in a subprocess, a small preference data
 file, a run's outputs, and checkpoints planted with code to run."""
+import enum
 import hashlib
 import json
 import os
+import pathlib
 import pickle
 import signal
 import subprocess
@@ -10,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from compare import assert_adam_alike
 from ports import free_port
 
 from tdpo_ext.training import checkpoint
@@ -99,6 +102,14 @@ def assert_same_metrics(a, b):
 
 def final_params(folder):
     return torch.load(os.path.join(folder, "final", "model.pt"), weights_only=True)
+
+
+def assert_trained_alike(actual, expected, run):
+    """Parameters (name -> tensor) trained like `expected`, the one-process run in folder
+    `run` whose gradients differ from theirs in rounding only: within what AdamW can move
+    them in that run's steps at its learning rate (tests/compare.py says why)."""
+    cfg = json.loads(open(os.path.join(run, "config.json")).read())
+    assert_adam_alike(actual, expected, lr=cfg["lr"], steps=cfg["steps"], name=str(run))
 
 
 def assert_same_params(a, b):
@@ -192,12 +203,37 @@ def plant_in_sharded_checkpoint(kind, folder, marker):
                 pickle.dump(RunsCode(marker), f)
     elif kind == "storage_data_type":  # not code: the wrong type
         metadata.storage_data = list(metadata.storage_data.values())
+    elif kind == "metadata_getattr":  # a method reached through getattr, called
+        metadata.planner_data = TouchesThroughGetattr(marker)
     else:  # "metadata_outside": a shard read from outside the folder
         info = next(iter(metadata.storage_data.values()))
         info.relative_path = os.path.join("..", info.relative_path)
     with open(path, "wb") as f:
-        pickle.dump(metadata, f)
+        PicklerOfEnumsByName(f).dump(metadata)
     return path
+
+
+class TouchesThroughGetattr:
+    """Pickled, it is pathlib.PosixPath.touch(marker), the method written as getattr of an
+    allowed class: what the enum-member form of getattr must not let through."""
+
+    def __init__(self, marker):
+        self.marker = pathlib.PosixPath(marker)
+
+    def __reduce__(self):
+        return getattr(pathlib.PosixPath, "touch"), (self.marker,)
+
+
+class PicklerOfEnumsByName(pickle.Pickler):
+    """Pickles an enum member as getattr(its class, its name), as Python 3.11.2 does, and a
+    function of a class (pathlib.PosixPath.touch) as getattr of the class too."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, enum.Enum):
+            return getattr, (type(obj), obj.name)
+        if getattr(obj, "__qualname__", "") == "Path.touch":
+            return getattr, (pathlib.PosixPath, "touch")
+        return NotImplemented
 
 
 def save_tiny_llama(folder, tied=False):

@@ -88,6 +88,13 @@ def make_config(out, **kwargs):
     return TDPOConfig(**settings)
 
 
+def adam_settings(args) -> dict:
+    """What tests/compare.assert_adam_alike needs to know of a run's TDPOConfig: AdamW's
+    largest learning rate (the schedule only lowers it), steps and betas."""
+    return dict(lr=args.learning_rate, steps=args.max_steps,
+                betas=(args.adam_beta1, args.adam_beta2))
+
+
 def save_model_folder(folder, seed=0):
     """A tiny random Llama and the word-level tokenizer, saved as a transformers model
     folder (what --model_name_or_path names)."""

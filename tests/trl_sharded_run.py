@@ -9,10 +9,10 @@ accelerate_cpu_shim:
         --mixed_precision no trl_sharded_run.py OUT fsdp2          # or zero3
 
 For each configuration, rank 0 writes OUT/<name>.pt: the logged losses, the evaluation
-loss, every parameter gathered whole, and how the models were sharded; every rank has
-asserted that the strategy is the one named (without the shim, accelerate 1.16 would have
-run DDP) and that the models really are sharded. The
-parameters as trainer.save_model() writes them are in OUT/<name>/.
+loss, every parameter gathered whole, how the models were sharded and AdamW's settings;
+every rank has asserted that the strategy is the one named (without the shim, accelerate
+1.16 would have run DDP) and that the models really are sharded. The parameters as
+trainer.save_model() writes them are in OUT/<name>/.
 """
 import gc
 import os
@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor
 
 import accelerate_cpu_shim
 from tdpo_ext.trl import TDPOTrainer
-from trl_setup import make_config, make_dataset, make_tokenizer, models_pair
+from trl_setup import adam_settings, make_config, make_dataset, make_tokenizer, models_pair
 
 GLOBAL_BATCH = 4
 # Hidden size 64: the LM heads (2048 x 64) are above ZeRO-3's default
@@ -119,7 +119,8 @@ def run(out: str, name: str, expected: str) -> None:
     trainer.train()
     assert strategy(trainer) == expected, f"ran {strategy(trainer)}, not {expected}"
     result = {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-              "sharding": sharding(trainer) if world > 1 else None}
+              "sharding": sharding(trainer) if world > 1 else None,
+              "adam": adam_settings(args)}
     if evaluate:
         result["eval_loss"] = trainer.evaluate()["eval_loss"]
     result["params"] = gathered(trainer)

@@ -14,6 +14,7 @@ refused with a SystemExit that names it and says why."""
 from __future__ import annotations
 
 import collections
+import enum
 import errno
 import functools
 import io
@@ -165,7 +166,18 @@ def _metadata_unpickler():
                      pathlib.PosixPath)
     allowed |= {("torch", name): v for name, v in vars(torch).items()
                 if isinstance(v, torch.dtype)}
+    allowed["builtins", "getattr"] = _enum_member
     return type("MetadataUnpickler", (_AllowlistUnpickler,), {"allowed": allowed})
+
+
+def _enum_member(cls, name):
+    """getattr(cls, name) of a .metadata pickle, allowed only where it names a member of an
+    enum (md._MEM_FORMAT_ENCODING): the form some Pythons pickle a member in (Debian 12's
+    3.11.2; 3.10.13, 3.11.7, 3.12.1 and 3.13.0 call the class with the member's value)."""
+    if not (isinstance(cls, type) and issubclass(cls, enum.Enum) and name in cls.__members__):
+        raise pickle.UnpicklingError(f"it names builtins.getattr of {cls!r}.{name}, which is "
+                                     "not a member of a torch.distributed.checkpoint enum")
+    return cls[name]
 
 
 @functools.cache
