@@ -67,7 +67,7 @@ def read_build_list(path=os.path.join(ROOT, "csrc", "build.txt")):
     "cuda": [...], "cpu_kernel": [...]} of source paths, and under "capability" the CPU
     capabilities this machine builds, {name: compiler flags}."""
     machine = "x86_64" if platform.machine() in ("x86_64", "AMD64") else platform.machine()
-    found = {"library": [], "module": [], "cuda": [], "emulation": [], "emulation_host": [],
+    found = {"library": [], "module": [], "cuda": [], "no_cuda": [], "emulation": [], "emulation_host": [],
              "emulation_python": [], "cpu_kernel": [], "capability": {}}
     with open(path) as f:
         for line in f:
@@ -205,7 +205,8 @@ def make_extension():
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not with_cuda:
         return cpp_extension.CppExtension(
-            "tdpo_ext._C", sources, include_dirs=include_dirs, define_macros=macros,
+            "tdpo_ext._C", sources + BUILD["no_cuda"], include_dirs=include_dirs,
+            define_macros=macros,
             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags), cpp_extension
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
