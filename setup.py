@@ -142,7 +142,10 @@ class CMakeBuild(build_ext):
                      f"-DTDPO_EXT_CUDA={'ON' if nvcc else 'OFF'}"]
         if nvcc:
             configure.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
-        if ninja and not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):
+        cache = os.path.join(build_dir, "CMakeCache.txt")
+        if ninja and (not os.path.exists(cache)
+                      or "CMAKE_GENERATOR:INTERNAL=Ninja" in open(cache).read()):
+            # Every time: the ninja of an isolated build is gone by the next build.
             configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         module_root = os.path.dirname(os.path.dirname(self.get_ext_fullpath(ext.name)))
