@@ -26,5 +26,7 @@ PYBIND11_MODULE(_C, m) {
     variants[i] = std::string(tdpo_ext::kVariantNames[i]);
   }
   m.attr("VARIANTS") = variants;  // the preference_loss op's variant names
+  // What CUDA tensors raise in a build without the CUDA kernels (csrc/no_cuda_kernels.cpp).
+  m.attr("NO_CUDA_KERNELS") = std::string(tdpo_ext::kNoCudaKernels);
   m.attr("TILE_STATE_FLOATS") = tdpo_ext::kTileStateFloats;  // floats per token in a tile state
 }

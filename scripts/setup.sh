@@ -10,10 +10,10 @@ if ! $PY -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TO
   echo "== installing torch==$TORCH_VERSION"
   $PY -m pip install --quiet "torch==$TORCH_VERSION"
 fi
-$PY -m pip install --quiet ninja pybind11 numpy "$@"
-# Rebuild only when no built extension is in place or a source is newer than it.
+$PY -m pip install --quiet cmake ninja pybind11 numpy "$@"
+# Rebuild only when no built extension is in place or a source or build file is newer than it.
 built=$(ls tdpo_ext/_C*.so 2>/dev/null | head -n 1 || true)
-if [ -n "$built" ] && [ -z "$(find csrc setup.py -newer "$built" -print -quit)" ] \
+if [ -n "$built" ] && [ -z "$(find csrc setup.py CMakeLists.txt -newer "$built" -print -quit)" ] \
     && $PY -c "import tdpo_ext" 2>/dev/null; then
   echo "== tdpo_ext is built and current ($built)"
 else

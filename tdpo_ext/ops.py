@@ -1,5 +1,5 @@
 """The public TDPO functions, and beside them the fake kernels and autograd of the
-C++/CUDA ops they call (schemas: csrc/torch_bindings.cpp).
+C++/CUDA ops they call (schemas: csrc/op_schemas.h).
 
 Batch layout, as in the TDPO reference code: logits at position t predict labels at
 t + 1; a label equal to ignore_index masks its position; tdpo_loss takes N = 2B rows,
@@ -135,34 +135,17 @@ def built_with_cuda() -> bool:
     return _C.built_with_cuda()
 
 
-NO_CUDA_KERNELS = (
-    "tdpo_ext: CUDA tensors reached a build of tdpo_ext without CUDA kernels "
-    "(tdpo_ext.built_with_cuda() is False: it was built where no CUDA toolkit was found, "
-    "against a CPU-only torch, or with TDPO_EXT_CUDA=0). Rebuild it with nvcc on PATH or "
-    "CUDA_HOME set, e.g. `TDPO_EXT_CUDA=1 pip install .` (README.md, Install), or keep the "
-    "inputs on the CPU.")
+# What every op raises for CUDA tensors in a build without CUDA kernels: the build
+# registers a CUDA implementation of each op that says why there is none and what to do
+# (csrc/no_cuda_kernels.cpp), instead of the dispatcher's "Could not run 'tdpo_ext::...'
+# with arguments from the 'CUDA' backend".
+NO_CUDA_KERNELS = _C.NO_CUDA_KERNELS
 
 
 def check_device_has_kernels(device: torch.device) -> None:
     """Raises NO_CUDA_KERNELS for a CUDA device when this build has no CUDA kernels."""
     if torch.device(device).type == "cuda" and not built_with_cuda():
         raise RuntimeError(NO_CUDA_KERNELS)
-
-
-def _refuse_cuda(*args, **kwargs):
-    raise RuntimeError(NO_CUDA_KERNELS)
-
-
-# Every call of tdpo_ext's C++ ops, from every function here and in fused_linear.py, goes
-# through the dispatcher: a build without CUDA kernels registers, for each op that has a
-# CPU kernel, a CUDA kernel that says why there is none and what to do (instead of the
-# dispatcher's "Could not run 'tdpo_ext::...' with arguments from the 'CUDA' backend").
-# Nothing is added to the path of CPU tensors or of a CUDA build.
-if not built_with_cuda():
-    _CUDA_REFUSALS = torch.library.Library("tdpo_ext", "IMPL")  # lives as long as the module
-    for _op in torch._C._dispatch_get_registrations_for_dispatch_key("CPU"):
-        if _op.startswith("tdpo_ext::"):
-            _CUDA_REFUSALS.impl(_op.split("::")[1], _refuse_cuda, "CUDA")
 
 
 def _check_labels(labels: torch.Tensor) -> None:

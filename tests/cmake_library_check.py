@@ -50,6 +50,21 @@ for variant, z in (("tdpo1", mc - mr - (kr - kc)), ("tdpo2", mc - mr - 0.5 * (kr
     torch.testing.assert_close(rejected_rewards, 0.1 * (mr + kr))
 
 assert isinstance(ops.built_with_cuda(), bool)
+if not ops.built_with_cuda():
+    # Every op that has a CPU kernel refuses CUDA tensors with the library's own message
+    # (csrc/no_cuda_kernels.cpp); token_stats is sent to its CUDA implementation here.
+    device_ops = [name for name in torch._C._dispatch_get_registrations_for_dispatch_key("CPU")
+                  if name.startswith("tdpo_ext::")]
+    assert len(device_ops) == 6, device_ops
+    assert all(torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+               for name in device_ops), device_ops
+    as_if_on_cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    try:
+        ops.token_stats.default.redispatch(as_if_on_cuda, policy, ref, targets, IGNORE)
+    except RuntimeError as error:
+        assert "CUDA tensors reached a build of tdpo_ext without CUDA kernels" in str(error)
+    else:
+        raise AssertionError("token_stats ran on 'CUDA' in a library without CUDA kernels")
 assert ops.cpu_kernel_capability() in ("DEFAULT", "AVX2", "AVX512")
 assert "tdpo_ext" not in sys.modules
 print("cmake library ok:", ops.cpu_kernel_capability(), "kernels")

@@ -55,7 +55,6 @@ def build_emulation(variant: str = "plain") -> str:
 
 def load_emulated(library: str | None = None) -> Kernels:
     """The emulated kernels from `library` (default: built by build_emulation())."""
-    import tdpo_ext  # noqa: F401  (the emulated ops take their schemas from tdpo_ext's)
     if not hasattr(torch.ops.tdpo_ext_emulated, "token_stats"):
         torch.ops.load_library(
             library or os.path.join(build_emulation(), "libtdpo_cuda_emulated.so"))

@@ -1,5 +1,6 @@
-"""The CMake build (CMakeLists.txt): configures and builds the ops library from scratch
-into a temporary folder, then loads it, without the tdpo_ext package, and runs its ops
+"""The CMake build (CMakeLists.txt): configures and builds the ops library (target
+tdpo_ext) from scratch into a temporary folder, then loads it, without the tdpo_ext
+package, and runs its ops
 (tests/cmake_library_check.py). Slow: about 2 minutes of compiling on two cores."""
 import os
 import shutil
@@ -27,7 +28,7 @@ def cmake_library(tmp_path_factory) -> str:
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     run(["cmake", "-S", ROOT, "-B", str(build_dir), *generator, "-DCMAKE_BUILD_TYPE=Release",
          f"-DPython3_EXECUTABLE={sys.executable}"])
-    run(["cmake", "--build", str(build_dir), "-j2"])
+    run(["cmake", "--build", str(build_dir), "--target", "tdpo_ext", "-j2"])
     return str(build_dir / "libtdpo_ext.so")
 
 

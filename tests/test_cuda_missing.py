@@ -1,90 +1,134 @@
 """CUDA tensors reaching a build without CUDA kernels raise one message that names the
-cause and the fix (tdpo_ext.ops.NO_CUDA_KERNELS), from every public function and from
-TDPOTrainer's construction, instead of the dispatcher's "Could not run 'tdpo_ext::...'
+cause and the fix (tdpo_ext.ops.NO_CUDA_KERNELS): every op has a CUDA implementation that
+raises it (csrc/no_cuda_kernels.cpp), so every public function does, compiled or not, and
+TDPOTrainer at construction, instead of the dispatcher's "Could not run 'tdpo_ext::...'
 with arguments from the 'CUDA' backend".
 
-Needs no GPU, and runs on any build: the two inputs of the check are stood in for. A
-fresh interpreter loads tdpo_ext._C, makes its built_with_cuda() answer False, then
-imports tdpo_ext (which registers the refusals at import); a dispatch mode sends the calls
-of tdpo_ext's C++ ops to their CUDA kernels, as CUDA tensors would, while the tensors stay
-on the CPU. tests/test_install.py checks the same on a real CPU-only build."""
-import subprocess
-import sys
-
+Needs no GPU: a dispatch mode sends the calls of tdpo_ext's C++ ops to their CUDA
+implementations, as CUDA tensors would, while the tensors stay on the CPU. A build with
+the CUDA kernels has no refusals and skips those tests. tests/test_install.py checks the
+refusal on a CPU-only build installed by pip, tests/cmake_library_check.py on the
+CMake-built library."""
 import pytest
-import torch
-
-import tdpo_ext
-from tdpo_ext.ops import NO_CUDA_KERNELS
-
-AS_IF_BUILT_WITHOUT_CUDA = r'''
-import glob, importlib.machinery, importlib.util, os, sys
 import torch
 from torch._C import DispatchKey, DispatchKeySet
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# Load the extension module by hand, before the package that imports it, and make it say
-# that it has no CUDA kernels.
-folder = importlib.util.find_spec("tdpo_ext").submodule_search_locations[0]
-(path,) = [p for suffix in importlib.machinery.EXTENSION_SUFFIXES
-           for p in glob.glob(os.path.join(folder, "_C" + suffix))]
-spec = importlib.util.spec_from_file_location("tdpo_ext._C", path)
-extension = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(extension)
-extension.built_with_cuda = lambda: False
-sys.modules["tdpo_ext._C"] = extension
-
 import tdpo_ext
 from tdpo_ext.ops import NO_CUDA_KERNELS
-assert not tdpo_ext.built_with_cuda()
+
+without_cuda_kernels = pytest.mark.skipif(
+    tdpo_ext.built_with_cuda(), reason="this build has the CUDA kernels, not the refusals")
 
 
-class AsIfOnCUDA(TorchDispatchMode):
-    """Runs tdpo_ext's C++ ops with their CUDA kernels (those with a CPU kernel: the
-    fused linear ops are Python, run on, and call the C++ ops in turn)."""
+def has_kernel(op_name: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op_name, key)
+
+
+class DeviceOpsMode(TorchDispatchMode):
+    """Hands each call of a C++ op of tdpo_ext (an op with a CPU kernel) to device_op; the
+    fused linear ops are Python, run on, and call the C++ ops in turn."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.namespace != "tdpo_ext":
             return func(*args, **kwargs)
-        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CPU"):
-            return func.redispatch(DispatchKeySet(DispatchKey.CUDA), *args, **kwargs)
+        if has_kernel(func.name(), "CPU"):
+            return self.device_op(func, args, kwargs)
         with self:  # so that the C++ ops it calls come back here
             return func.redispatch(DispatchKeySet(DispatchKey.CompositeExplicitAutograd),
                                    *args, **kwargs)
 
 
-logits = torch.randn(2, 3, 5)
-labels = torch.tensor([[1, 2, 3], [4, 0, -100]])
-hidden, weight = torch.randn(2, 3, 4), torch.randn(5, 4)
-pair = [torch.zeros(1)] * 4
-calls = {
-    "tdpo_loss": lambda: tdpo_ext.tdpo_loss(logits, logits, labels),
-    "sequence_stats": lambda: tdpo_ext.sequence_stats(logits, logits, labels),
-    "preference_loss": lambda: tdpo_ext.preference_loss(*pair),
-    "fused_linear_sequence_stats":
-        lambda: tdpo_ext.fused_linear_sequence_stats(hidden, weight, hidden, weight, labels),
-    "fused_linear_tdpo_loss":
-        lambda: tdpo_ext.fused_linear_tdpo_loss(hidden, weight, hidden, weight, labels),
-}
-for name, call in calls.items():
-    try:
-        with AsIfOnCUDA():
-            call()
-    except Exception as error:  # the message, whichever exception type carries it
-        assert str(error) == NO_CUDA_KERNELS, f"{name}: {type(error).__name__}: {error}"
-    else:
-        raise AssertionError(f"{name} ran on 'CUDA' in a build without CUDA kernels")
-    call()  # on the CPU, the same build still works
-print("every public function refused CUDA and ran on the CPU")
-'''
+class AsIfOnCUDA(DeviceOpsMode):
+    """Runs tdpo_ext's C++ ops with their CUDA implementations."""
+
+    def device_op(self, func, args, kwargs):
+        return func.redispatch(DispatchKeySet(DispatchKey.CUDA), *args, **kwargs)
 
 
-def test_public_functions_refuse_cuda_in_a_build_without_cuda_kernels():
-    result = subprocess.run([sys.executable, "-c", AS_IF_BUILT_WITHOUT_CUDA],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "every public function refused CUDA" in result.stdout
+class RecordCalls(DeviceOpsMode):
+    """Runs tdpo_ext's C++ ops, keeping the arguments of the first call of each."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+    def device_op(self, func, args, kwargs):
+        self.calls.setdefault(func, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def make_inputs():
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    labels = torch.tensor([[1, 2, 3], [4, 0, -100]])
+    hidden, weight = torch.randn(2, 3, 4, requires_grad=True), torch.randn(5, 4)
+    pair = [torch.zeros(1, requires_grad=True) for _ in range(4)]
+    return logits, labels, hidden, weight, pair
+
+
+def public_calls():
+    """{name: call returning a differentiable loss}, one per public function."""
+    logits, labels, hidden, weight, pair = make_inputs()
+    return {
+        "tdpo_loss": lambda: tdpo_ext.tdpo_loss(logits, logits.detach(), labels).loss,
+        "sequence_stats": lambda: tdpo_ext.sequence_stats(logits, logits.detach(), labels)[0].sum(),
+        "preference_loss": lambda: tdpo_ext.preference_loss(*pair)[0].sum(),
+        "fused_linear_sequence_stats": lambda: tdpo_ext.fused_linear_sequence_stats(
+            hidden, weight, hidden.detach(), weight, labels)[0].sum(),
+        "fused_linear_tdpo_loss": lambda: tdpo_ext.fused_linear_tdpo_loss(
+            hidden, weight, hidden.detach(), weight, labels).loss,
+    }
+
+
+def assert_refuses(call, what):
+    with pytest.raises(Exception) as raised:  # the message, whichever type carries it
+        call()
+    assert str(raised.value) == NO_CUDA_KERNELS, f"{what}: {type(raised.value).__name__}: {raised.value}"
+
+
+@without_cuda_kernels
+@pytest.mark.parametrize("name", list(public_calls()))
+def test_public_function_refuses_cuda_and_runs_on_cpu(name):
+    call = public_calls()[name]
+    with AsIfOnCUDA():
+        assert_refuses(call, name)
+    call().backward()  # on the CPU, the same build still works
+
+
+@without_cuda_kernels
+@pytest.mark.parametrize("name", ["tdpo_loss", "fused_linear_tdpo_loss"])
+def test_compiled_function_refuses_cuda(name):
+    graphs = []
+
+    def as_if_on_cuda(graph, example_inputs):  # a torch.compile backend
+        graphs.append(graph)
+
+        def run(*args):
+            with AsIfOnCUDA():
+                return graph(*args)
+        return run
+
+    torch._dynamo.reset()
+    assert_refuses(torch.compile(public_calls()[name], backend=as_if_on_cuda, fullgraph=True),
+                   name)
+    (graph,) = graphs  # one graph, which calls tdpo_ext's ops
+    assert any(str(node.target).startswith("tdpo_ext.") for node in graph.graph.nodes), graph
+
+
+@without_cuda_kernels
+def test_every_op_refuses_cuda_called_directly():
+    recorder = RecordCalls()
+    with recorder:
+        for call in public_calls().values():
+            call().backward()  # the backward ops too
+    device_ops = {name for name in torch._C._dispatch_get_registrations_for_dispatch_key("CPU")
+                  if name.startswith("tdpo_ext::")}
+    assert {op.name() for op in recorder.calls} == device_ops  # each op is called below
+    for op, (args, kwargs) in recorder.calls.items():
+        assert has_kernel(op.name(), "CUDA"), op.name()
+        assert_refuses(lambda: op.redispatch(DispatchKeySet(DispatchKey.CUDA), *args, **kwargs),
+                       op.name())
 
 
 def test_message_names_cause_and_fix():

@@ -1,6 +1,6 @@
 """Facts that the C++ side owns and Python and the builds read rather than copy: the
 variant names, the size of a tile state, the bad-label message (csrc/python_module.cpp
-exports them), and the list of sources both builds compile (csrc/build.txt)."""
+exports them), and the sources and CPU capabilities that CMakeLists.txt compiles."""
 import os
 import platform
 import re
@@ -42,33 +42,40 @@ def test_bad_label_message_is_the_ops_message(device):
         row=1, position=2, label=9, vocab=5, ignore_index=-100)
 
 
-def _build_list():
-    """(kind, words) of each entry of csrc/build.txt."""
-    with open(os.path.join(ROOT, "csrc", "build.txt")) as f:
-        return [(line.split()[0], line.split()[1:]) for line in f
-                if line.strip() and not line.startswith("#")]
+# The files that name what is compiled (CMakeLists.txt): the emulation's names its sources
+# relative to its own folder, and the rest through ${PROJECT_SOURCE_DIR}.
+BUILD_FILES = {"CMakeLists.txt": "", "csrc/cuda/emulation/CMakeLists.txt": "csrc/cuda/emulation/"}
 
 
-def test_build_list_names_every_source_once():
-    """A source added to csrc/ but not to the list would be left out of both builds. (A
-    source may serve two kinds of build: csrc/checks.cpp is in the library and in the
-    emulated CUDA ops.)"""
-    entries = [(kind, words[0]) for kind, words in _build_list() if kind != "capability"]
-    assert len(entries) == len(set(entries)), entries
-    listed = [source for _, source in entries]
+def _named_in_build_files() -> set[str]:
+    """The source paths, relative to the checkout, that the CMake files name."""
+    named = set()
+    for path, folder in BUILD_FILES.items():
+        with open(os.path.join(ROOT, path)) as f:
+            for source in re.findall(r"[\w${}/.-]+\.(?:cpp|cu)\b", f.read()):
+                if source.startswith("${PROJECT_SOURCE_DIR}/"):
+                    named.add(source.removeprefix("${PROJECT_SOURCE_DIR}/"))
+                else:
+                    named.add(folder + source)
+    return named
+
+
+def test_build_names_every_source():
+    """A source added to csrc/ but not to a CMakeLists.txt would be left out of every build."""
     on_disk = {os.path.relpath(os.path.join(d, name), ROOT)
                for d, _, names in os.walk(os.path.join(ROOT, "csrc")) for name in names
                if name.endswith((".cpp", ".cu"))}
-    assert set(listed) == on_disk
+    assert on_disk - _named_in_build_files() == set()
 
 
-def test_build_list_capabilities_are_the_ones_the_ops_know():
+def test_build_capabilities_are_the_ones_the_ops_know():
     """Each capability is a copy of the kernels that csrc/cpu/token_stats_cpu.cpp can
     pick (its TDPO_HAVE_<NAME> branch); this build runs one of them."""
     with open(os.path.join(ROOT, "csrc", "cpu", "token_stats_cpu.cpp")) as f:
         picked = set(re.findall(r"TDPO_HAVE_(\w+)", f.read()))
-    capabilities = [words[0] for kind, words in _build_list() if kind == "capability"]
-    assert set(capabilities) == picked | {"DEFAULT"}
+    with open(os.path.join(ROOT, "CMakeLists.txt")) as f:
+        capabilities = set(re.findall(r"CPU_CAPABILITY_FLAGS_(\w+) ", f.read())) | {"DEFAULT"}
+    assert capabilities == picked | {"DEFAULT"}
     assert _C.cpu_kernel_capability() in capabilities
 
 

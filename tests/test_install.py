@@ -159,6 +159,9 @@ def test_pip_install_builds_against_the_installed_torch(user_env, work):
     python, env_dir, output = user_env
     assert "Collecting torch" not in output and "Downloading torch" not in output, output
     check_import(python, env_dir, cwd=work)
+    # The refusal's own tests on this CPU-only build (a CUDA build of the checkout skips them).
+    must_run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+              work / "src" / "tests" / "test_cuda_missing.py"], cwd=work)
     lines = [line.strip() for line in output.splitlines()]
     if torch.version.cuda is not None:
         # The notice is the build's last word: nothing but pip's own lines after it.

@@ -1,4 +1,4 @@
-"""The extension shares torch's libstdc++ (setup.py's shared_libstdcxx_link_args).
+"""The extension shares torch's libstdc++ (CMakeLists.txt, tdpo_torch).
 
 Built by a GCC that has only libstdc++.a (the /opt/gcc of a GPU machine we were lent), the
 extension carried a private static libstdc++: every error message that formats a number

@@ -6,7 +6,8 @@
 # step         what                                                     output in OUTDIR   H100 time
 # build        the extension in place for this card only               build.log          80 s
 #              (TORCH_CUDA_ARCH_LIST = its compute capability,
-#              MAX_JOBS=16, TDPO_EXT_CUDA=1, setup.py build_ext --inplace)
+#              MAX_JOBS=16, TDPO_EXT_CUDA=1, setup.py build_ext --inplace;
+#              an image without cmake needs carry [".whl"]: lib.sh)
 # cuda_vs_cpu  scripts/gpu/sanitizer_case.py: the table of kernel cases  cuda_vs_cpu.log    10 s
 #              (tests/kernel_cases.py: token_stats, token_stats_backward
 #              with and without vocab_start, token_stats_tile,

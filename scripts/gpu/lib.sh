@@ -151,10 +151,23 @@ EOF
 # kernel, nothing fetched from a network that is not there: a pip install could fall
 # back and compile everything twice), then checks it imports with CUDA kernels. Sets
 # BUILT=yes or no.
+# The build runs CMake (setup.py): an image without cmake gets the cmake and ninja wheels
+# carried in .whl/ (call with carry [".whl"]; fetched here with
+#   python3 -m pip download --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
+#     -d .whl cmake ninja
+# 31 MB), installed into /tmp/build-tools.
 build_in_place() {
   export TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=16 TDPO_EXT_CUDA=1
   BUILD_SETTINGS="TORCH_CUDA_ARCH_LIST=$ARCH, MAX_JOBS=16, TDPO_EXT_CUDA=1, setup.py build_ext --inplace"
   BUILT=no
+  if ! command -v cmake > /dev/null && ! "$PY" -c "import cmake" 2> /dev/null; then
+    shopt -s nullglob
+    local tools=(.whl/cmake-*.whl .whl/ninja-*.whl)
+    shopt -u nullglob
+    run_step build_tools 120 build_tools.log "$PY" -m pip install -q --no-index --no-deps \
+      --no-compile --target /tmp/build-tools "${tools[@]}" || return
+    export PYTHONPATH=/tmp/build-tools${PYTHONPATH:+:$PYTHONPATH}
+  fi
   run_step build "$1" build.log "$PY" setup.py build_ext --inplace || return
   if "$PY" -c "import sys, tdpo_ext; sys.exit(not tdpo_ext.built_with_cuda())" \
        >> "$OUT/build.log" 2>&1; then
