@@ -31,8 +31,17 @@ from environments import make_venv
 from tdpo_ext.ops import NO_CUDA_KERNELS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOT_SOURCES = shutil.ignore_patterns(".git", "build", "dist", "runs", "tmp", "*.so", "*.egg-info",
-                                     "__pycache__", ".pytest_cache", ".hypothesis")
+_NOT_SOURCE_PATTERNS = shutil.ignore_patterns(
+    ".git", "build", "dist", "runs", "tmp", "*.so", "*.egg-info", "__pycache__",
+    ".pytest_cache", ".hypothesis")
+
+
+def not_sources(folder, names):
+    """What the copy of the checkout leaves out: build outputs, caches, and any virtual or
+    conda environment inside it (users keep theirs in `.venv/`: gigabytes of torch)."""
+    return _NOT_SOURCE_PATTERNS(folder, names) | {
+        n for n in names if os.path.exists(os.path.join(folder, n, "pyvenv.cfg"))
+        or os.path.isdir(os.path.join(folder, n, "conda-meta"))}
 TORCH_RELEASE = torch.__version__.split("+")[0]
 NOTICE = "tdpo_ext: built WITHOUT CUDA kernels"
 
@@ -82,7 +91,7 @@ def work(tmp_path_factory):
                           "setuptools>=70.1", "ninja", "pip"], cwd=work, timeout=300)
     if status != 0:
         pytest.skip(f"no package index to install from: {output.strip().splitlines()[-1:]}")
-    shutil.copytree(ROOT, work / "src", ignore=NOT_SOURCES)
+    shutil.copytree(ROOT, work / "src", ignore=not_sources)
     return work
 
 
