@@ -121,29 +121,50 @@ TokenStatsTileInputs prepare_token_stats_tile_inputs(const at::Tensor& policy_lo
                                                      const at::Tensor& ref_logits,
                                                      const at::Tensor& targets,
                                                      int64_t vocab_start,
-                                                     const std::optional<at::Tensor>& state) {
+                                                     const std::optional<at::Tensor>& state,
+                                                     bool policy_metrics) {
   check_token_stats_inputs(policy_logits, ref_logits, targets);
   TORCH_CHECK(vocab_start >= 0, "tdpo_ext: vocab_start must be >= 0, got ", vocab_start);
-  return {with_unit_vocab_stride(policy_logits), with_unit_vocab_stride(ref_logits),
-          state.has_value() ? check_tile_state(*state, targets) : at::Tensor()};
+  at::Tensor state_in;
+  if (state.has_value()) {
+    state_in = check_tile_state(*state, targets);
+    TORCH_CHECK(tile_state_has_metrics(state_in) == policy_metrics,
+                "tdpo_ext: state has ", state_in.size(2), " floats per token, but "
+                "policy_metrics=", policy_metrics ? "True" : "False", " needs ",
+                policy_metrics ? kTileStateWithMetricsFloats : kTileStateFloats,
+                ": every tile of a row must be folded with the same policy_metrics");
+  }
+  return {with_unit_vocab_stride(policy_logits), with_unit_vocab_stride(ref_logits), state_in,
+          policy_metrics};
+}
+
+int64_t TokenStatsTileInputs::state_floats() const {
+  return policy_metrics ? kTileStateWithMetricsFloats : kTileStateFloats;
 }
 
 at::Tensor TokenStatsTileInputs::empty_state(const at::Tensor& targets) const {
-  return at::empty({targets.size(0), targets.size(1), kTileStateFloats},
+  return at::empty({targets.size(0), targets.size(1), state_floats()},
                    policy_logits.options().dtype(at::kFloat));
 }
 
 at::Tensor check_tile_state(const at::Tensor& state, const at::Tensor& targets) {
   check_labels(targets);
   TORCH_CHECK(state.dim() == 3 && state.size(0) == targets.size(0) &&
-                  state.size(1) == targets.size(1) && state.size(2) == kTileStateFloats,
-              "tdpo_ext: state must have shape (N, T, ", kTileStateFloats,
-              ") with the (N, T) of labels ", targets.sizes(), ", got ", state.sizes());
+                  state.size(1) == targets.size(1) &&
+                  (state.size(2) == kTileStateFloats ||
+                   state.size(2) == kTileStateWithMetricsFloats),
+              "tdpo_ext: state must have shape (N, T, ", kTileStateFloats, ") or (N, T, ",
+              kTileStateWithMetricsFloats, ") with the (N, T) of labels ", targets.sizes(),
+              ", got ", state.sizes());
   TORCH_CHECK(state.scalar_type() == at::kFloat, "tdpo_ext: state must be float32, got ",
               state.scalar_type());
   TORCH_CHECK(state.device() == targets.device(), "tdpo_ext: state is on ", state.device(),
               " but labels are on ", targets.device());
   return state.contiguous();
+}
+
+bool tile_state_has_metrics(const at::Tensor& state) {
+  return state.size(2) == kTileStateWithMetricsFloats;
 }
 
 PairInputs prepare_pair_inputs(const at::Tensor& chosen_logps_margin,
@@ -201,19 +222,30 @@ PairArgs PairInputs::args(double beta, double alpha) const {
           static_cast<float>(alpha),       variant};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_token_stats(
-    const at::Tensor& policy_logits, const at::Tensor& targets) {
+TokenStatsOutputs empty_token_stats(const at::Tensor& policy_logits, const at::Tensor& targets,
+                                    bool policy_metrics) {
   const auto opts = policy_logits.options().dtype(at::kFloat);
   const auto shape = targets.sizes();
+  const auto metric = [&](at::ScalarType dtype) {
+    return policy_metrics ? at::empty(shape, opts.dtype(dtype)) : at::empty({0}, opts.dtype(dtype));
+  };
   return {at::empty(shape, opts), at::empty(shape, opts), at::empty(shape, opts),
-          at::empty(shape, opts), at::empty(shape, opts)};
+          at::empty(shape, opts), at::empty(shape, opts), metric(at::kFloat),
+          metric(at::kFloat),     metric(at::kBool)};
 }
 
-TokenStatsOut token_stats_out(
-    const std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>& outputs) {
-  return {std::get<0>(outputs).data_ptr<float>(), std::get<1>(outputs).data_ptr<float>(),
-          std::get<2>(outputs).data_ptr<float>(), std::get<3>(outputs).data_ptr<float>(),
-          std::get<4>(outputs).data_ptr<float>()};
+TokenStatsOut token_stats_out(const TokenStatsOutputs& outputs, bool policy_metrics) {
+  TokenStatsOut out{std::get<0>(outputs).data_ptr<float>(),
+                    std::get<1>(outputs).data_ptr<float>(),
+                    std::get<2>(outputs).data_ptr<float>(),
+                    std::get<3>(outputs).data_ptr<float>(),
+                    std::get<4>(outputs).data_ptr<float>()};
+  if (policy_metrics) {
+    out.entropy = std::get<5>(outputs).data_ptr<float>();
+    out.logit_mean = std::get<6>(outputs).data_ptr<float>();
+    out.label_is_argmax = std::get<7>(outputs).data_ptr<bool>();
+  }
+  return out;
 }
 
 at::Tensor with_unit_vocab_stride(const at::Tensor& logits) {

@@ -36,12 +36,16 @@ TokenStatsBackwardInputs prepare_token_stats_backward_inputs(
 
 // token_stats_tile's inputs as both devices' implementations start from them: the logits
 // and labels checked as for token_stats, vocab_start >= 0, and the state of the columns
-// before the tile, if any, checked (see check_tile_state) and contiguous.
+// before the tile, if any, checked (see check_tile_state: with the policy metrics' floats
+// exactly when policy_metrics) and contiguous.
 struct TokenStatsTileInputs {
   at::Tensor policy_logits, ref_logits;
   at::Tensor state_in;  // undefined for the first tile
+  bool policy_metrics;
 
-  // The (N, T, kTileStateFloats) float32 state to fill, on the logits' device.
+  // Floats per token in the state: kTileStateFloats, or kTileStateWithMetricsFloats.
+  int64_t state_floats() const;
+  // The (N, T, state_floats()) float32 state to fill, on the logits' device.
   at::Tensor empty_state(const at::Tensor& targets) const;
   const float* state_in_data() const {
     return state_in.defined() ? state_in.data_ptr<float>() : nullptr;
@@ -52,11 +56,16 @@ TokenStatsTileInputs prepare_token_stats_tile_inputs(const at::Tensor& policy_lo
                                                      const at::Tensor& ref_logits,
                                                      const at::Tensor& targets,
                                                      int64_t vocab_start,
-                                                     const std::optional<at::Tensor>& state);
+                                                     const std::optional<at::Tensor>& state,
+                                                     bool policy_metrics);
 
-// A token_stats_tile state for token_stats_finish: (N, T, kTileStateFloats) float32 on
-// the device of targets (N, T). Returns it contiguous.
+// A token_stats_tile state for token_stats_finish: (N, T, kTileStateFloats) float32, or
+// (N, T, kTileStateWithMetricsFloats) with the policy metrics, on the device of targets
+// (N, T). Returns it contiguous.
 at::Tensor check_tile_state(const at::Tensor& state, const at::Tensor& targets);
+
+// Whether a checked tile state holds the policy metrics' floats.
+bool tile_state_has_metrics(const at::Tensor& state);
 
 // The pairwise loss's inputs as both devices' implementations start from them: the four
 // per-row tensors checked (float32, 1-D, same length and device; beta > 0) and made
@@ -96,15 +105,21 @@ PairLossOut pair_loss_out(const std::tuple<at::Tensor, at::Tensor, at::Tensor>& 
 PairLossGradOut pair_loss_grad_out(
     const std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>& outputs);
 
-// The five (N, T) float32 outputs of token_stats (logp_pol, logp_ref, token_kl, lse_pol,
-// lse_ref), allocated on the device of policy_logits (or of any tensor passed in its
-// place) for either implementation to fill.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_token_stats(
-    const at::Tensor& policy_logits, const at::Tensor& targets);
+// The eight outputs of token_stats and token_stats_finish: (logp_pol, logp_ref, token_kl,
+// lse_pol, lse_ref, entropy, logit_mean, label_is_argmax).
+using TokenStatsOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                     at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// The same five outputs as the kernels' view of them (pointers valid while they live).
-TokenStatsOut token_stats_out(
-    const std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>& outputs);
+// Those outputs allocated on the device of policy_logits (or of any tensor passed in its
+// place) for either implementation to fill: the first five (N, T) float32; with
+// policy_metrics also entropy, logit_mean ((N, T) float32) and label_is_argmax ((N, T)
+// bool), otherwise those three are empty (0,) tensors.
+TokenStatsOutputs empty_token_stats(const at::Tensor& policy_logits, const at::Tensor& targets,
+                                    bool policy_metrics);
+
+// The same outputs as the kernels' view of them (pointers valid while they live; the
+// metrics pointers null without policy_metrics).
+TokenStatsOut token_stats_out(const TokenStatsOutputs& outputs, bool policy_metrics);
 
 // The kernels address logits as (row, position, vocab) with a unit vocabulary stride;
 // views such as logits[:, :-1] qualify as they are. Anything else is copied once.

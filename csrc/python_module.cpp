@@ -29,4 +29,6 @@ PYBIND11_MODULE(_C, m) {
   // What CUDA tensors raise in a build without the CUDA kernels (csrc/no_cuda_kernels.cpp).
   m.attr("NO_CUDA_KERNELS") = std::string(tdpo_ext::kNoCudaKernels);
   m.attr("TILE_STATE_FLOATS") = tdpo_ext::kTileStateFloats;  // floats per token in a tile state
+  // ... and with the policy metrics (token_stats_tile with policy_metrics=True)
+  m.attr("TILE_STATE_WITH_METRICS_FLOATS") = tdpo_ext::kTileStateWithMetricsFloats;
 }

@@ -132,14 +132,97 @@ TDPO_HD TokenStats finish_token_stats(const SoftmaxPairState& s, float pol_label
   return out;
 }
 
-// Where a kernel writes the five per-token outputs of token_stats: (N, T) float32 each,
-// indexed by row = n * T + t.
+// ---------------------------------------------------------------------------------
+// The policy's per-token diversity metrics: token_stats' optional outputs (off unless
+// asked for, so that a kernel compiled without them does none of this work). They are
+// those of TRL's DPOTrainer (trl/kernels/chunked_logprob.py), computed in the same pass:
+//   entropy         = H(pi_theta(.|prefix)) = lse_pol - E_p[x], in nats
+//   logit_mean      = sum_v x_v / V
+//   label_is_argmax = the label is torch.argmax of the policy row, the first column
+//                     holding the row's maximum: x_y >= max_pol and x_y > the maximum
+//                     of the columns before the label (TRL's is_top1).
+// Their running state over a row's columns, kept beside the SoftmaxPairState whose
+// policy frame s_pol = exp_shift(max_pol) it shares:
+//   centered_sum     = sum_v exp(x_v - s_pol) * (x_v - s_pol)
+//   logit_sum        = sum_v x_v
+//   columns          = how many columns were folded in (exact in float below 2^24)
+//   max_before_label = max of x_v over the columns before the label's (-inf if none):
+//                      for a part of a row (a chunk, a tile) whose label sits at column
+//                      label_col counted from the part's first, the part's columns
+//                      [0, clamp(label_col, 0, len))
+// entropy = log(sum_pol) - centered_sum / sum_pol: each term has the size of log(V), not
+// of the logits, so a constant added to a row cancels before it is rounded (TRL's
+// sum_v exp(x_v - max) * x_v carries the logits' size).
+struct PolicyMetricsState {
+  float centered_sum;
+  float logit_sum;
+  float columns;
+  float max_before_label;
+};
+
+TDPO_HD PolicyMetricsState empty_metrics_state() { return {0.f, 0.f, 0.f, -INFINITY}; }
+
+// One policy element's contribution to centered_sum, pol_exp = exp(x - s_pol) and
+// pol_centered = x - s_pol: a probability of exactly 0 contributes 0, also where x is
+// -inf (whose 0 * -inf is NaN).
+TDPO_HD float centered_term(float pol_exp, float pol_centered) {
+  return pol_exp == 0.f ? 0.f : pol_exp * pol_centered;
+}
+
+// A part's centered_sum moved from its frame (its policy maximum max_pol, sum sum_pol)
+// into the frame of max_out >= max_pol:
+//   sum exp(x - s') (x - s') = exp(s - s') * (sum exp(x - s) (x - s) + (s - s') * sum_pol)
+// An empty part (sum_pol = 0, centered_sum = 0) gives 0.
+TDPO_HD float rebased_centered_sum(float centered_sum, float sum_pol, float max_pol,
+                                   float max_out) {
+  return rescale_factor(max_pol, max_out) *
+         (centered_sum + sum_pol * (exp_shift(max_pol) - exp_shift(max_out)));
+}
+
+// The metrics state of the union of two parts, sa and sb being their softmax states (the
+// merged softmax state is merge_states(sa, sb)). Every field merges in any order:
+// max_before_label is a maximum, columns and logit_sum sums, centered_sum a rescaled sum.
+TDPO_HD PolicyMetricsState merge_metrics(const SoftmaxPairState& sa, const PolicyMetricsState& a,
+                                         const SoftmaxPairState& sb,
+                                         const PolicyMetricsState& b) {
+  const float max_out = fmaxf(sa.max_pol, sb.max_pol);
+  return {rebased_centered_sum(a.centered_sum, sa.sum_pol, sa.max_pol, max_out) +
+              rebased_centered_sum(b.centered_sum, sb.sum_pol, sb.max_pol, max_out),
+          a.logit_sum + b.logit_sum, a.columns + b.columns,
+          fmaxf(a.max_before_label, b.max_before_label)};
+}
+
+struct PolicyMetrics {
+  float entropy;
+  float logit_mean;
+  bool label_is_argmax;
+};
+
+// The metrics of a whole row from its states and its label's policy logit. The entropy
+// is >= 0; a negative result is rounding error, and 0 is nearer the true value (NaN
+// stays NaN).
+TDPO_HD PolicyMetrics finish_policy_metrics(const SoftmaxPairState& s,
+                                            const PolicyMetricsState& m,
+                                            float pol_label_logit) {
+  const float entropy = logf(s.sum_pol) - m.centered_sum / s.sum_pol;
+  return {entropy < 0.f ? 0.f : entropy, m.logit_sum / m.columns,
+          pol_label_logit >= s.max_pol && pol_label_logit > m.max_before_label};
+}
+
+// Where a kernel writes the per-token outputs of token_stats: (N, T) each, indexed by
+// row = n * T + t; float32, and bool for label_is_argmax. The three metrics pointers are
+// null unless the policy metrics were asked for.
 struct TokenStatsOut {
   float* logp_pol;
   float* logp_ref;
   float* token_kl;
   float* lse_pol;
   float* lse_ref;
+  float* entropy = nullptr;
+  float* logit_mean = nullptr;
+  bool* label_is_argmax = nullptr;
+
+  TDPO_HD bool has_metrics() const { return entropy != nullptr; }
 
   TDPO_HD void write(int64_t row, const TokenStats& s) const {
     logp_pol[row] = s.logp_pol;
@@ -148,8 +231,16 @@ struct TokenStatsOut {
     lse_pol[row] = s.lse_pol;
     lse_ref[row] = s.lse_ref;
   }
-  // A masked token's outputs are all 0.
-  TDPO_HD void write_masked(int64_t row) const { write(row, {0.f, 0.f, 0.f, 0.f, 0.f}); }
+  TDPO_HD void write_metrics(int64_t row, const PolicyMetrics& m) const {
+    entropy[row] = m.entropy;
+    logit_mean[row] = m.logit_mean;
+    label_is_argmax[row] = m.label_is_argmax;
+  }
+  // A masked token's outputs are all 0 (false).
+  TDPO_HD void write_masked(int64_t row) const {
+    write(row, {0.f, 0.f, 0.f, 0.f, 0.f});
+    if (has_metrics()) write_metrics(row, {0.f, 0.f, false});
+  }
 };
 
 // A token's progress through its vocabulary row when the row arrives in tiles of
@@ -203,6 +294,30 @@ TDPO_HD TokenTileState fold_tile(const TokenTileState& before, const SoftmaxPair
 
 TDPO_HD TokenStats finish_tile_state(const TokenTileState& s) {
   return finish_token_stats(s.softmax, s.pol_label_logit, s.ref_label_logit);
+}
+
+// With the policy metrics, a token's tile state is followed by its PolicyMetricsState:
+// kTileStateWithMetricsFloats floats per token in all.
+constexpr int kMetricsStateFloats = 4;
+constexpr int kTileStateWithMetricsFloats = kTileStateFloats + kMetricsStateFloats;
+static_assert(sizeof(PolicyMetricsState) == kMetricsStateFloats * sizeof(float),
+              "load_metrics_state and store_metrics_state move every field");
+
+// A masked token's metrics state: zeros, as masked_tile_state.
+TDPO_HD PolicyMetricsState masked_metrics_state() { return {0.f, 0.f, 0.f, 0.f}; }
+
+// p points at the token's kTileStateWithMetricsFloats floats.
+TDPO_HD PolicyMetricsState load_metrics_state(const float* p) {
+  p += kTileStateFloats;
+  return {p[0], p[1], p[2], p[3]};
+}
+
+TDPO_HD void store_metrics_state(float* p, const PolicyMetricsState& m) {
+  p += kTileStateFloats;
+  p[0] = m.centered_sum;
+  p[1] = m.logit_sum;
+  p[2] = m.columns;
+  p[3] = m.max_before_label;
 }
 
 // d loss / d policy logit v at one token, given the upstream gradients of that token's

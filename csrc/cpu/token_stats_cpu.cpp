@@ -48,33 +48,40 @@ const KernelSet& kernels() {
   return chosen;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_stats_cpu(
-    const at::Tensor& policy_logits_in, const at::Tensor& ref_logits_in,
-    const at::Tensor& targets, int64_t ignore_index) {
+TokenStatsOutputs token_stats_cpu(const at::Tensor& policy_logits_in,
+                                    const at::Tensor& ref_logits_in, const at::Tensor& targets,
+                                    int64_t ignore_index, bool policy_metrics) {
+  TORCH_CHECK(!policy_metrics, "tdpo_ext: policy_metrics: not yet built");  // contract stage
   check_token_stats_inputs(policy_logits_in, ref_logits_in, targets);
   const at::Tensor policy_logits = with_unit_vocab_stride(policy_logits_in);
   const at::Tensor ref_logits = with_unit_vocab_stride(ref_logits_in);
-  const auto outputs = empty_token_stats(policy_logits, targets);
-  kernels().forward(policy_logits, ref_logits, targets, ignore_index, token_stats_out(outputs));
+  const auto outputs = empty_token_stats(policy_logits, targets, policy_metrics);
+  kernels().forward(policy_logits, ref_logits, targets, ignore_index,
+                    token_stats_out(outputs, policy_metrics));
   return outputs;
 }
 
 at::Tensor token_stats_tile_cpu(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
                                 const at::Tensor& targets, int64_t ignore_index,
-                                int64_t vocab_start, const std::optional<at::Tensor>& state) {
+                                int64_t vocab_start, const std::optional<at::Tensor>& state,
+                                bool policy_metrics) {
+  TORCH_CHECK(!policy_metrics, "tdpo_ext: policy_metrics: not yet built");  // contract stage
   const TokenStatsTileInputs in =
-      prepare_token_stats_tile_inputs(policy_logits, ref_logits, targets, vocab_start, state);
+      prepare_token_stats_tile_inputs(policy_logits, ref_logits, targets, vocab_start, state,
+                                      policy_metrics);
   at::Tensor state_out = in.empty_state(targets);
   kernels().tile(in.policy_logits, in.ref_logits, targets, ignore_index, vocab_start,
                  in.state_in_data(), state_out.data_ptr<float>());
   return state_out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_stats_finish_cpu(
+TokenStatsOutputs token_stats_finish_cpu(
     const at::Tensor& state_in, const at::Tensor& targets, int64_t ignore_index) {
   const at::Tensor state = check_tile_state(state_in, targets);
-  const auto outputs = empty_token_stats(state, targets);
-  const TokenStatsOut out = token_stats_out(outputs);
+  const bool policy_metrics = tile_state_has_metrics(state);
+  TORCH_CHECK(!policy_metrics, "tdpo_ext: policy_metrics: not yet built");  // contract stage
+  const auto outputs = empty_token_stats(state, targets, policy_metrics);
+  const TokenStatsOut out = token_stats_out(outputs, policy_metrics);
   const float* states = state.data_ptr<float>();
   const int64_t* tgt = targets.data_ptr<int64_t>();
   const int64_t T = targets.size(1);

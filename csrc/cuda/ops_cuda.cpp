@@ -18,19 +18,20 @@
 namespace tdpo_ext::cuda {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_stats_cuda(
-    const at::Tensor& policy_logits_in, const at::Tensor& ref_logits_in,
-    const at::Tensor& targets, int64_t ignore_index) {
+TokenStatsOutputs token_stats_cuda(const at::Tensor& policy_logits_in,
+                                    const at::Tensor& ref_logits_in, const at::Tensor& targets,
+                                    int64_t ignore_index, bool policy_metrics) {
+  TORCH_CHECK(!policy_metrics, "tdpo_ext: policy_metrics: not yet built");  // contract stage
   const int64_t vocab = check_token_stats_inputs(policy_logits_in, ref_logits_in, targets);
   const c10::cuda::CUDAGuard guard(policy_logits_in.device());
   const at::Tensor policy_logits = with_unit_vocab_stride(policy_logits_in);
   const at::Tensor ref_logits = with_unit_vocab_stride(ref_logits_in);
-  const auto outputs = empty_token_stats(policy_logits, targets);
+  const auto outputs = empty_token_stats(policy_logits, targets, policy_metrics);
   if (targets.numel() == 0) return outputs;
 
   const at::Tensor first_bad_row = at::full({1}, -1, targets.options());
   C10_CUDA_CHECK(launch_token_stats(policy_logits, ref_logits, targets, ignore_index,
-                                    token_stats_out(outputs), first_bad_row));
+                                    token_stats_out(outputs, policy_metrics), first_bad_row));
   // The one device-to-host read and stream synchronization per call (token_stats.cu says
   // what it costs).
   const int64_t bad_row = first_bad_row.item<int64_t>();
@@ -40,9 +41,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_sta
 
 at::Tensor token_stats_tile_cuda(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
                                  const at::Tensor& targets, int64_t ignore_index,
-                                 int64_t vocab_start, const std::optional<at::Tensor>& state) {
+                                 int64_t vocab_start, const std::optional<at::Tensor>& state,
+                                bool policy_metrics) {
+  TORCH_CHECK(!policy_metrics, "tdpo_ext: policy_metrics: not yet built");  // contract stage
   const TokenStatsTileInputs in =
-      prepare_token_stats_tile_inputs(policy_logits, ref_logits, targets, vocab_start, state);
+      prepare_token_stats_tile_inputs(policy_logits, ref_logits, targets, vocab_start, state,
+                                      policy_metrics);
   const c10::cuda::CUDAGuard guard(policy_logits.device());
   at::Tensor state_out = in.empty_state(targets);
   if (targets.numel() == 0) return state_out;
@@ -52,14 +56,16 @@ at::Tensor token_stats_tile_cuda(const at::Tensor& policy_logits, const at::Tens
   return state_out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_stats_finish_cuda(
+TokenStatsOutputs token_stats_finish_cuda(
     const at::Tensor& state_in, const at::Tensor& targets, int64_t ignore_index) {
   const at::Tensor state = check_tile_state(state_in, targets);
   const c10::cuda::CUDAGuard guard(state.device());
-  const auto outputs = empty_token_stats(state, targets);
+  const bool policy_metrics = tile_state_has_metrics(state);
+  TORCH_CHECK(!policy_metrics, "tdpo_ext: policy_metrics: not yet built");  // contract stage
+  const auto outputs = empty_token_stats(state, targets, policy_metrics);
   if (targets.numel() == 0) return outputs;
   C10_CUDA_CHECK(
-      launch_token_stats_finish(state, targets, ignore_index, token_stats_out(outputs)));
+      launch_token_stats_finish(state, targets, ignore_index, token_stats_out(outputs, policy_metrics)));
   return outputs;
 }
 
