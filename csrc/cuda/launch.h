@@ -17,7 +17,8 @@
 
 namespace tdpo_ext::cuda {
 
-// token_stats: fills the five (N, T) float32 outputs; first_bad_row (one int64 holding
+// token_stats: fills the five (N, T) float32 outputs, and the policy metrics when
+// out.has_metrics(); first_bad_row (one int64 holding
 // -1) receives the smallest row index n * T + t whose label is outside [0, V) and is not
 // ignore_index.
 cudaError_t launch_token_stats(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
@@ -26,13 +27,16 @@ cudaError_t launch_token_stats(const at::Tensor& policy_logits, const at::Tensor
 
 // token_stats_tile: folds the tile of columns [vocab_start, vocab_start + V) into each
 // token's state: state_in (null for the first tile) and state_out are (N, T,
-// kTileStateFloats) float32, contiguous.
+// kTileStateFloats) float32, contiguous, or (N, T, kTileStateWithMetricsFloats) with
+// policy_metrics.
 cudaError_t launch_token_stats_tile(const at::Tensor& policy_logits,
                                     const at::Tensor& ref_logits, const at::Tensor& targets,
                                     int64_t ignore_index, int64_t vocab_start,
-                                    const float* state_in, float* state_out);
+                                    bool policy_metrics, const float* state_in,
+                                    float* state_out);
 
-// token_stats_finish: the five outputs from the contiguous state of whole rows.
+// token_stats_finish: the five outputs from the contiguous state of whole rows, and the
+// policy metrics when out.has_metrics() (the state then holds their floats).
 cudaError_t launch_token_stats_finish(const at::Tensor& state, const at::Tensor& targets,
                                       int64_t ignore_index, const TokenStatsOut& out);
 

@@ -21,7 +21,6 @@ namespace {
 TokenStatsOutputs token_stats_cuda(const at::Tensor& policy_logits_in,
                                     const at::Tensor& ref_logits_in, const at::Tensor& targets,
                                     int64_t ignore_index, bool policy_metrics) {
-  TORCH_CHECK(!policy_metrics, "tdpo_ext: policy_metrics: not yet built");  // contract stage
   const int64_t vocab = check_token_stats_inputs(policy_logits_in, ref_logits_in, targets);
   const c10::cuda::CUDAGuard guard(policy_logits_in.device());
   const at::Tensor policy_logits = with_unit_vocab_stride(policy_logits_in);
@@ -42,8 +41,7 @@ TokenStatsOutputs token_stats_cuda(const at::Tensor& policy_logits_in,
 at::Tensor token_stats_tile_cuda(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
                                  const at::Tensor& targets, int64_t ignore_index,
                                  int64_t vocab_start, const std::optional<at::Tensor>& state,
-                                bool policy_metrics) {
-  TORCH_CHECK(!policy_metrics, "tdpo_ext: policy_metrics: not yet built");  // contract stage
+                                 bool policy_metrics) {
   const TokenStatsTileInputs in =
       prepare_token_stats_tile_inputs(policy_logits, ref_logits, targets, vocab_start, state,
                                       policy_metrics);
@@ -51,8 +49,8 @@ at::Tensor token_stats_tile_cuda(const at::Tensor& policy_logits, const at::Tens
   at::Tensor state_out = in.empty_state(targets);
   if (targets.numel() == 0) return state_out;
   C10_CUDA_CHECK(launch_token_stats_tile(in.policy_logits, in.ref_logits, targets,
-                                         ignore_index, vocab_start, in.state_in_data(),
-                                         state_out.data_ptr<float>()));
+                                         ignore_index, vocab_start, in.policy_metrics,
+                                         in.state_in_data(), state_out.data_ptr<float>()));
   return state_out;
 }
 
@@ -61,11 +59,10 @@ TokenStatsOutputs token_stats_finish_cuda(
   const at::Tensor state = check_tile_state(state_in, targets);
   const c10::cuda::CUDAGuard guard(state.device());
   const bool policy_metrics = tile_state_has_metrics(state);
-  TORCH_CHECK(!policy_metrics, "tdpo_ext: policy_metrics: not yet built");  // contract stage
   const auto outputs = empty_token_stats(state, targets, policy_metrics);
   if (targets.numel() == 0) return outputs;
-  C10_CUDA_CHECK(
-      launch_token_stats_finish(state, targets, ignore_index, token_stats_out(outputs, policy_metrics)));
+  C10_CUDA_CHECK(launch_token_stats_finish(state, targets, ignore_index,
+                                           token_stats_out(outputs, policy_metrics)));
   return outputs;
 }
 

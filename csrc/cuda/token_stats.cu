@@ -22,6 +22,10 @@
 //  - Forward: every thread folds chunks of its elements into an online SoftmaxPairState
 //    of both models (merge_states, tdpo_math.h); the team merges the states by warp
 //    shuffles, then across warps through shared memory; lane 0 finishes the token.
+//    With the policy metrics (token_stats' policy_metrics), a PolicyMetricsState rides
+//    beside the SoftmaxPairState through the same folds and merges (merge_metrics): a
+//    separate instantiation of each forward kernel (kMetrics), so that the kernels
+//    without them are unchanged.
 //  - Backward: p and q are recomputed from the lse saved by the forward; one write per
 //    element, the label's label_bonus added before the single rounding to the policy dtype.
 //  - Vectors: 16 bytes of the narrower logits dtype per step (8 elements for bf16/fp16,
@@ -140,11 +144,51 @@ struct TeamPosition {
 // ---------------------------------------------------------------------------------
 // Forward
 
-// Folds kN elements of each model into `state` (a pair of -inf pads adds nothing): the
-// chunk's own state in the frame of its maximum, then merge_states.
-template <int kN>
-__device__ __forceinline__ void fold_chunk(SoftmaxPairState& state, const float* x,
-                                           const float* r) {
+// What a thread keeps of its columns: the SoftmaxPairState, and with kMetrics the
+// PolicyMetricsState beside it (tdpo_math.h). Without kMetrics there is no `metrics` and
+// every metrics step below is compiled out: those kernels are the ones without the
+// metrics, instruction for instruction (shared memory included).
+template <bool kMetrics>
+struct RowState {
+  SoftmaxPairState softmax;
+  PolicyMetricsState metrics;
+};
+
+template <>
+struct RowState<false> {
+  SoftmaxPairState softmax;
+};
+
+template <bool kMetrics>
+__device__ __forceinline__ RowState<kMetrics> empty_row_state() {
+  RowState<kMetrics> s{empty_state()};
+  if constexpr (kMetrics) s.metrics = empty_metrics_state();
+  return s;
+}
+
+// The state of the union of two parts of a row (merge_metrics needs both softmax states
+// before their merge).
+template <bool kMetrics>
+__device__ __forceinline__ RowState<kMetrics> merge_row_states(const RowState<kMetrics>& a,
+                                                               const RowState<kMetrics>& b) {
+  RowState<kMetrics> out{merge_states(a.softmax, b.softmax)};
+  if constexpr (kMetrics) out.metrics = merge_metrics(a.softmax, a.metrics, b.softmax, b.metrics);
+  return out;
+}
+
+// A chunk element's column counted from the row's (or tile's) first one, or kPadColumn
+// for a pad (-inf in both models) that stands in for no column.
+constexpr int64_t kPadColumn = -1;
+
+// Folds kN elements of each model into `state` (a pair of -inf pads adds nothing to the
+// softmax sums): the chunk's own state in the frame of its maximum, then merged. With
+// kMetrics, column(j) is element j's column (kPadColumn for a pad, which the metrics'
+// sums and count leave out) and label_col the label's: the elements before it feed
+// max_before_label.
+template <int kN, bool kMetrics, typename Column>
+__device__ __forceinline__ void fold_chunk(RowState<kMetrics>& state, const float* x,
+                                           const float* r, const Column& column,
+                                           int64_t label_col) {
   float max_x = -INFINITY, max_r = -INFINITY;
 #pragma unroll
   for (int j = 0; j < kN; ++j) {
@@ -153,22 +197,36 @@ __device__ __forceinline__ void fold_chunk(SoftmaxPairState& state, const float*
   }
   const float shift_x = exp_shift(max_x), shift_r = exp_shift(max_r);
   const float gap = frame_gap(max_x, max_r);
-  SoftmaxPairState chunk{max_x, 0.f, max_r, 0.f, 0.f};
+  RowState<kMetrics> chunk{{max_x, 0.f, max_r, 0.f, 0.f}};
+  if constexpr (kMetrics) chunk.metrics = empty_metrics_state();
 #pragma unroll
   for (int j = 0; j < kN; ++j) {
+    const float ex = expf(x[j] - shift_x);
     const float er = expf(r[j] - shift_r);
-    chunk.sum_pol += expf(x[j] - shift_x);
-    chunk.sum_ref += er;
-    chunk.ref_diff_sum += ref_diff_term(er, r[j], x[j], gap);
+    chunk.softmax.sum_pol += ex;
+    chunk.softmax.sum_ref += er;
+    chunk.softmax.ref_diff_sum += ref_diff_term(er, r[j], x[j], gap);
+    if constexpr (kMetrics) {
+      const int64_t col = column(j);
+      if (col != kPadColumn) {
+        chunk.metrics.centered_sum += centered_term(ex, x[j] - shift_x);
+        chunk.metrics.logit_sum += x[j];
+        chunk.metrics.columns += 1.f;
+        if (col < label_col) {
+          chunk.metrics.max_before_label = fmaxf(chunk.metrics.max_before_label, x[j]);
+        }
+      }
+    }
   }
-  state = merge_states(state, chunk);
+  state = merge_row_states(state, chunk);
 }
 
 // Elements [begin, end) one per lane per load, kN loads folded as a chunk. kN = 1 for
 // the few elements around the vectors, wider when a whole row is unaligned.
-template <int kN, int kTeam, typename P, typename R>
-__device__ __forceinline__ void fold_strided(SoftmaxPairState& state, const P* x, const R* r,
-                                             int64_t begin, int64_t end, int lane) {
+template <int kN, int kTeam, bool kMetrics, typename P, typename R>
+__device__ __forceinline__ void fold_strided(RowState<kMetrics>& state, const P* x, const R* r,
+                                             int64_t begin, int64_t end, int64_t label_col,
+                                             int lane) {
   for (int64_t v = begin + lane; v < end; v += static_cast<int64_t>(kN) * kTeam) {
     float xs[kN], rs[kN];
 #pragma unroll
@@ -177,15 +235,21 @@ __device__ __forceinline__ void fold_strided(SoftmaxPairState& state, const P* x
       xs[j] = e < end ? static_cast<float>(x[e]) : -INFINITY;
       rs[j] = e < end ? static_cast<float>(r[e]) : -INFINITY;
     }
-    fold_chunk<kN>(state, xs, rs);
+    const auto column = [&](int j) {
+      const int64_t e = v + static_cast<int64_t>(j) * kTeam;
+      return e < end ? e : kPadColumn;
+    };
+    fold_chunk<kN>(state, xs, rs, column, label_col);
   }
 }
 
-// n_vec vectors of kVec elements from 16-byte aligned x and r; lane l takes vectors l,
-// l + kTeam, ... so that a warp's loads of one step are contiguous.
-template <int kVec, int kTeam, typename P, typename R>
-__device__ __forceinline__ void fold_vectors(SoftmaxPairState& state, const P* x, const R* r,
-                                             int64_t n_vec, int lane) {
+// n_vec vectors of kVec elements from 16-byte aligned x and r, the row's columns from
+// first_col on; lane l takes vectors l, l + kTeam, ... so that a warp's loads of one step
+// are contiguous.
+template <int kVec, int kTeam, bool kMetrics, typename P, typename R>
+__device__ __forceinline__ void fold_vectors(RowState<kMetrics>& state, const P* x, const R* r,
+                                             int64_t n_vec, int64_t first_col,
+                                             int64_t label_col, int lane) {
   constexpr int kN = kVec * kUnroll;
   for (int64_t k = lane; k < n_vec; k += static_cast<int64_t>(kUnroll) * kTeam) {
     float xs[kN], rs[kN];
@@ -200,27 +264,46 @@ __device__ __forceinline__ void fold_vectors(SoftmaxPairState& state, const P* x
         for (int j = 0; j < kVec; ++j) xs[u * kVec + j] = rs[u * kVec + j] = -INFINITY;
       }
     }
-    fold_chunk<kN>(state, xs, rs);
+    const auto column = [&](int j) {
+      const int64_t vk = k + static_cast<int64_t>(j / kVec) * kTeam;
+      return vk < n_vec ? first_col + vk * kVec + j % kVec : kPadColumn;
+    };
+    fold_chunk<kN>(state, xs, rs, column, label_col);
   }
 }
 
-__device__ __forceinline__ SoftmaxPairState shfl_xor_state(const SoftmaxPairState& s,
-                                                           int mask) {
-  constexpr unsigned kAll = 0xffffffffu;
-  return {__shfl_xor_sync(kAll, s.max_pol, mask), __shfl_xor_sync(kAll, s.sum_pol, mask),
-          __shfl_xor_sync(kAll, s.max_ref, mask), __shfl_xor_sync(kAll, s.sum_ref, mask),
-          __shfl_xor_sync(kAll, s.ref_diff_sum, mask)};
+__device__ __forceinline__ float shfl_xor(float value, int mask) {
+  return __shfl_xor_sync(0xffffffffu, value, mask);
 }
 
-__device__ __forceinline__ SoftmaxPairState warp_merge(SoftmaxPairState s) {
+// Lane (lane ^ mask)'s state: every field, the metrics' too.
+template <bool kMetrics>
+__device__ __forceinline__ RowState<kMetrics> shfl_xor_state(const RowState<kMetrics>& s,
+                                                             int mask) {
+  const SoftmaxPairState& a = s.softmax;
+  RowState<kMetrics> out{{shfl_xor(a.max_pol, mask), shfl_xor(a.sum_pol, mask),
+                          shfl_xor(a.max_ref, mask), shfl_xor(a.sum_ref, mask),
+                          shfl_xor(a.ref_diff_sum, mask)}};
+  if constexpr (kMetrics) {
+    const PolicyMetricsState& m = s.metrics;
+    out.metrics = {shfl_xor(m.centered_sum, mask), shfl_xor(m.logit_sum, mask),
+                   shfl_xor(m.columns, mask), shfl_xor(m.max_before_label, mask)};
+  }
+  return out;
+}
+
+template <bool kMetrics>
+__device__ __forceinline__ RowState<kMetrics> warp_merge(RowState<kMetrics> s) {
 #pragma unroll
-  for (int mask = kWarp / 2; mask > 0; mask /= 2) s = merge_states(s, shfl_xor_state(s, mask));
+  for (int mask = kWarp / 2; mask > 0; mask /= 2) {
+    s = merge_row_states(s, shfl_xor_state(s, mask));
+  }
   return s;
 }
 
 // The state of the team's whole row, complete in lane 0.
-template <int kTeam>
-__device__ __forceinline__ SoftmaxPairState team_merge(SoftmaxPairState s) {
+template <int kTeam, bool kMetrics>
+__device__ __forceinline__ RowState<kMetrics> team_merge(RowState<kMetrics> s) {
   // A team of several warps but not the whole block would call __syncthreads from part of
   // the block (a hang, or undefined behaviour) and share warp_states with the block's
   // other teams (a race): supporting one needs a per-team barrier and slots.
@@ -230,34 +313,36 @@ __device__ __forceinline__ SoftmaxPairState team_merge(SoftmaxPairState s) {
   if constexpr (kTeam > kWarp) {
     // The team is the block (one row per block): each shared slot is written once.
     constexpr int kWarps = kTeam / kWarp;
-    __shared__ SoftmaxPairState warp_states[kWarps];
+    __shared__ RowState<kMetrics> warp_states[kWarps];
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
     if (lane == 0) warp_states[warp] = s;
     __syncthreads();
-    if (warp == 0) s = warp_merge(lane < kWarps ? warp_states[lane] : empty_state());
+    if (warp == 0) s = warp_merge(lane < kWarps ? warp_states[lane] : empty_row_state<kMetrics>());
   }
   return s;
 }
 
-// The softmax state of the team's row of `vocab` columns, complete in lane 0.
-template <int kTeam, typename P, typename R>
-__device__ __forceinline__ SoftmaxPairState row_state(const P* x, const R* r, int64_t vocab,
-                                                      int lane) {
+// The state of the team's row of `vocab` columns, complete in lane 0; label_col is the
+// label's column counted from the row's first (kMetrics only reads it).
+template <int kTeam, bool kMetrics, typename P, typename R>
+__device__ __forceinline__ RowState<kMetrics> row_state(const P* x, const R* r, int64_t vocab,
+                                                        int64_t label_col, int lane) {
   constexpr int kVec = vec_elems<P, R>();
-  SoftmaxPairState state = empty_state();
+  RowState<kMetrics> state = empty_row_state<kMetrics>();
   const RowSplit split = split_row<kVec>(vocab, x, r);
   if (split.vec_begin == split.vec_end) {
-    fold_strided<kVec * kUnroll, kTeam>(state, x, r, 0, vocab, lane);
+    fold_strided<kVec * kUnroll, kTeam>(state, x, r, 0, vocab, label_col, lane);
   } else {
-    fold_strided<1, kTeam>(state, x, r, 0, split.vec_begin, lane);
+    fold_strided<1, kTeam>(state, x, r, 0, split.vec_begin, label_col, lane);
     fold_vectors<kVec, kTeam>(state, x + split.vec_begin, r + split.vec_begin,
-                              (split.vec_end - split.vec_begin) / kVec, lane);
-    fold_strided<1, kTeam>(state, x, r, split.vec_end, vocab, lane);
+                              (split.vec_end - split.vec_begin) / kVec, split.vec_begin,
+                              label_col, lane);
+    fold_strided<1, kTeam>(state, x, r, split.vec_end, vocab, label_col, lane);
   }
   return team_merge<kTeam>(state);
 }
 
-template <typename P, typename R, int kTeam>
+template <typename P, typename R, int kTeam, bool kMetrics>
 __global__ void __launch_bounds__(kBlockThreads)
     token_stats_kernel(const P* __restrict__ policy_logits, const R* __restrict__ ref_logits,
                        const int64_t* __restrict__ targets, RowLayout layout,
@@ -278,17 +363,28 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   const P* x = policy_logits + n * layout.pol_stride_n + t * layout.pol_stride_t;
   const R* r = ref_logits + n * layout.ref_stride_n + t * layout.ref_stride_t;
-  const SoftmaxPairState state = row_state<kTeam>(x, r, layout.vocab, pos.lane);
+  const RowState<kMetrics> state = row_state<kTeam, kMetrics>(x, r, layout.vocab, y, pos.lane);
   if (pos.lane == 0) {
+    const float pol_label_logit = static_cast<float>(x[y]);
     out.write(pos.row,
-              finish_token_stats(state, static_cast<float>(x[y]), static_cast<float>(r[y])));
+              finish_token_stats(state.softmax, pol_label_logit, static_cast<float>(r[y])));
+    if constexpr (kMetrics) {
+      out.write_metrics(pos.row,
+                        finish_policy_metrics(state.softmax, state.metrics, pol_label_logit));
+    }
   }
+}
+
+// Floats per token of a tile state (tdpo_math.h).
+template <bool kMetrics>
+constexpr int64_t tile_state_floats() {
+  return kMetrics ? kTileStateWithMetricsFloats : kTileStateFloats;
 }
 
 // The tile of columns [vocab_start, vocab_start + vocab) folded into each token's state
 // (token_stats_tile). Labels are not checked: a tile cannot tell a label beyond it from
 // one beyond the vocabulary.
-template <typename P, typename R, int kTeam>
+template <typename P, typename R, int kTeam, bool kMetrics>
 __global__ void __launch_bounds__(kBlockThreads)
     token_stats_tile_kernel(const P* __restrict__ policy_logits,
                             const R* __restrict__ ref_logits,
@@ -299,23 +395,36 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (pos.row >= layout.rows) return;
   const int64_t n = pos.row / layout.seq_len, t = pos.row % layout.seq_len;
   const int64_t y = targets[n * layout.tgt_stride_n + t * layout.tgt_stride_t];
-  float* out = state_out + pos.row * kTileStateFloats;
+  float* out = state_out + pos.row * tile_state_floats<kMetrics>();
   if (y == ignore_index) {
-    if (pos.lane == 0) store_tile_state(out, masked_tile_state());
+    if (pos.lane == 0) {
+      store_tile_state(out, masked_tile_state());
+      if constexpr (kMetrics) store_metrics_state(out, masked_metrics_state());
+    }
     return;
   }
   const P* x = policy_logits + n * layout.pol_stride_n + t * layout.pol_stride_t;
   const R* r = ref_logits + n * layout.ref_stride_n + t * layout.ref_stride_t;
-  const SoftmaxPairState tile = row_state<kTeam>(x, r, layout.vocab, pos.lane);
+  // The label's column in this tile; outside [0, vocab) when another tile holds it.
+  const int64_t label_col = y - vocab_start;
+  const RowState<kMetrics> tile =
+      row_state<kTeam, kMetrics>(x, r, layout.vocab, label_col, pos.lane);
   if (pos.lane == 0) {
-    const TokenTileState before = state_in != nullptr
-                                      ? load_tile_state(state_in + pos.row * kTileStateFloats)
-                                      : empty_tile_state();
-    store_tile_state(out, fold_tile(before, tile, x, r, y - vocab_start, layout.vocab));
+    const float* in =
+        state_in != nullptr ? state_in + pos.row * tile_state_floats<kMetrics>() : nullptr;
+    const TokenTileState before = in != nullptr ? load_tile_state(in) : empty_tile_state();
+    if constexpr (kMetrics) {
+      const PolicyMetricsState before_metrics =
+          in != nullptr ? load_metrics_state(in) : empty_metrics_state();
+      store_metrics_state(
+          out, merge_metrics(before.softmax, before_metrics, tile.softmax, tile.metrics));
+    }
+    store_tile_state(out, fold_tile(before, tile.softmax, x, r, label_col, layout.vocab));
   }
 }
 
 // token_stats_finish: one thread per token.
+template <bool kMetrics>
 __global__ void __launch_bounds__(kBlockThreads)
     token_stats_finish_kernel(const float* __restrict__ state,
                               const int64_t* __restrict__ targets, int64_t rows,
@@ -326,8 +435,14 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int64_t y = targets[row / seq_len * tgt_stride_n + row % seq_len * tgt_stride_t];
   if (y == ignore_index) {
     out.write_masked(row);
-  } else {
-    out.write(row, finish_tile_state(load_tile_state(state + row * kTileStateFloats)));
+    return;
+  }
+  const float* p = state + row * tile_state_floats<kMetrics>();
+  const TokenTileState s = load_tile_state(p);
+  out.write(row, finish_tile_state(s));
+  if constexpr (kMetrics) {
+    out.write_metrics(row,
+                      finish_policy_metrics(s.softmax, load_metrics_state(p), s.pol_label_logit));
   }
 }
 
@@ -423,6 +538,14 @@ __global__ void __launch_bounds__(kBlockThreads)
 // ---------------------------------------------------------------------------------
 // Launchers (launch.h): the op implementations in ops_cuda.cpp check, allocate and raise.
 
+// Calls launch(metrics), metrics a std::bool_constant holding policy_metrics: the kernels
+// with the policy metrics and those without are separate instantiations.
+template <typename Launch>
+cudaError_t with_metrics(bool policy_metrics, const Launch& launch) {
+  if (policy_metrics) return launch(std::true_type{});
+  return launch(std::false_type{});
+}
+
 // Queues one row kernel of the launchers below: returns launch(team, blocks, stream),
 // team a std::integral_constant holding the threads per row (a warp up to
 // kWarpRowMaxVocab columns, else the whole block), blocks enough to cover the layout's
@@ -447,13 +570,16 @@ cudaError_t launch_token_stats(const at::Tensor& policy_logits, const at::Tensor
   cudaError_t status = cudaSuccess;
   TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
                             "tdpo_ext::token_stats", [&] {
-    status = launch_rows(layout, [&](auto team, int64_t blocks, cudaStream_t stream) {
-      return launch_kernel(
-          "tdpo_ext::token_stats",
-          TDPO_KERNEL(token_stats_kernel<policy_t, ref_t, decltype(team)::value>), blocks,
-          kBlockThreads, stream, policy_logits.data_ptr<policy_t>(),
-          ref_logits.data_ptr<ref_t>(), targets.data_ptr<int64_t>(), layout, ignore_index,
-          out, first_bad);
+    status = with_metrics(out.has_metrics(), [&](auto metrics) {
+      return launch_rows(layout, [&](auto team, int64_t blocks, cudaStream_t stream) {
+        return launch_kernel(
+            "tdpo_ext::token_stats",
+            TDPO_KERNEL(token_stats_kernel<policy_t, ref_t, decltype(team)::value,
+                                           decltype(metrics)::value>),
+            blocks, kBlockThreads, stream, policy_logits.data_ptr<policy_t>(),
+            ref_logits.data_ptr<ref_t>(), targets.data_ptr<int64_t>(), layout, ignore_index,
+            out, first_bad);
+      });
     });
   });
   return status;
@@ -462,18 +588,22 @@ cudaError_t launch_token_stats(const at::Tensor& policy_logits, const at::Tensor
 cudaError_t launch_token_stats_tile(const at::Tensor& policy_logits,
                                     const at::Tensor& ref_logits, const at::Tensor& targets,
                                     int64_t ignore_index, int64_t vocab_start,
-                                    const float* state_in, float* state_out) {
+                                    bool policy_metrics, const float* state_in,
+                                    float* state_out) {
   const RowLayout layout = make_layout(policy_logits, ref_logits, targets);
   cudaError_t status = cudaSuccess;
   TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
                             "tdpo_ext::token_stats_tile", [&] {
-    status = launch_rows(layout, [&](auto team, int64_t blocks, cudaStream_t stream) {
-      return launch_kernel(
-          "tdpo_ext::token_stats_tile",
-          TDPO_KERNEL(token_stats_tile_kernel<policy_t, ref_t, decltype(team)::value>),
-          blocks, kBlockThreads, stream, policy_logits.data_ptr<policy_t>(),
-          ref_logits.data_ptr<ref_t>(), targets.data_ptr<int64_t>(), layout, ignore_index,
-          vocab_start, state_in, state_out);
+    status = with_metrics(policy_metrics, [&](auto metrics) {
+      return launch_rows(layout, [&](auto team, int64_t blocks, cudaStream_t stream) {
+        return launch_kernel(
+            "tdpo_ext::token_stats_tile",
+            TDPO_KERNEL(token_stats_tile_kernel<policy_t, ref_t, decltype(team)::value,
+                                                decltype(metrics)::value>),
+            blocks, kBlockThreads, stream, policy_logits.data_ptr<policy_t>(),
+            ref_logits.data_ptr<ref_t>(), targets.data_ptr<int64_t>(), layout, ignore_index,
+            vocab_start, state_in, state_out);
+      });
     });
   });
   return status;
@@ -482,11 +612,14 @@ cudaError_t launch_token_stats_tile(const at::Tensor& policy_logits,
 cudaError_t launch_token_stats_finish(const at::Tensor& state, const at::Tensor& targets,
                                       int64_t ignore_index, const TokenStatsOut& out) {
   const int64_t rows = targets.numel();
-  return launch_kernel("tdpo_ext::token_stats_finish", TDPO_KERNEL(token_stats_finish_kernel),
-                       (rows + kBlockThreads - 1) / kBlockThreads, kBlockThreads,
-                       at::cuda::getCurrentCUDAStream(), state.data_ptr<float>(),
-                       targets.data_ptr<int64_t>(), rows, targets.size(1), targets.stride(0),
-                       targets.stride(1), ignore_index, out);
+  return with_metrics(out.has_metrics(), [&](auto metrics) {
+    return launch_kernel(
+        "tdpo_ext::token_stats_finish",
+        TDPO_KERNEL(token_stats_finish_kernel<decltype(metrics)::value>),
+        (rows + kBlockThreads - 1) / kBlockThreads, kBlockThreads,
+        at::cuda::getCurrentCUDAStream(), state.data_ptr<float>(), targets.data_ptr<int64_t>(),
+        rows, targets.size(1), targets.stride(0), targets.stride(1), ignore_index, out);
+  });
 }
 
 cudaError_t launch_token_stats_backward(const at::Tensor& grad_logp_pol,
