@@ -24,6 +24,7 @@ ULPS = 2 * error_bounds.ULPS
 GRAD_RTOL = {dtype: 2 * rtol for dtype, rtol in error_bounds.GRAD_RTOL.items()}
 GRAD_ATOL = {dtype: 2 * atol for dtype, atol in error_bounds.GRAD_ATOL.items()}
 STAT_NAMES = ("logp_pol", "logp_ref", "token_kl", "lse_pol", "lse_ref")
+METRIC_NAMES = ("entropy", "logit_mean", "label_is_argmax")
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,48 @@ def upstream_grads(case: Case, shape) -> tuple[torch.Tensor, torch.Tensor]:
     return grad_logp, grad_kl
 
 
-def _assert_stats_within(got, want, tokens: oracle.TokenTerms, what: str) -> None:
-    magnitude = torch.nn.functional.pad(tokens.magnitude, (0, 1))  # position T-1: 0
+def _per_token(values: torch.Tensor) -> torch.Tensor:
+    """(N, T-1) values of the positions that predict a label, as (N, T): position T-1 0."""
+    return torch.nn.functional.pad(values, (0, 1))
+
+
+def metric_magnitudes(policy: torch.Tensor,
+                      tokens: oracle.TokenTerms) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) sums of |terms| that entropy and logit_mean are computed from (0 where
+    masked), for the RTOL / ULPS rule: entropy = log(sum_v exp(x_v - max)) -
+    E_p[x - max] (csrc/tdpo_math.h): 1 for the relative rounding of the sums, |log sum| =
+    |max of the log-probabilities|, and E_p|x - max| (a zero probability adds nothing,
+    also at a -inf logit); logit_mean = sum_v x_v / V: the mean |x_v|."""
+    log_p = tokens.logp_x
+    p = log_p.exp()
+    top = log_p.amax(-1, keepdim=True)
+    spread = (p * torch.where(p > 0, (log_p - top).abs(), 0.0)).sum(-1)
+    entropy = 1 + top.squeeze(-1).abs() + spread
+    logit_mean = policy.detach().double()[:, :-1].abs().mean(-1)
+    return tuple(_per_token(torch.where(tokens.mask, m, 0.0)) for m in (entropy, logit_mean))
+
+
+def _assert_stats_within(got, want, tokens: oracle.TokenTerms, policy: torch.Tensor,
+                         policy_metrics: bool, what: str) -> None:
+    """The eight outputs of token_stats (or token_stats_finish) of the kernels, got,
+    against the CPU op's, want, on the policy logits `policy`: the metrics within the same
+    rule as the statistics, label_is_argmax exactly; empty without policy_metrics."""
+    magnitude = _per_token(tokens.magnitude)
     for name, g, w in zip(STAT_NAMES, got, want):
         assert_within(g, w, rtol=RTOL, atol=ULPS * EPS32 * magnitude, name=f"{what}{name}")
+    metrics, want_metrics = got[len(STAT_NAMES):], want[len(STAT_NAMES):]
+    if not policy_metrics:
+        for name, g in zip(METRIC_NAMES, metrics):
+            assert g.shape == (0,), f"{what}{name} without policy_metrics: {tuple(g.shape)}"
+        return
+    for name, g, w, m in zip(METRIC_NAMES[:2], metrics, want_metrics,
+                             metric_magnitudes(policy, tokens)):
+        assert_within(g, w, rtol=RTOL, atol=ULPS * EPS32 * m, name=f"{what}{name}")
+    got_top1, want_top1 = metrics[2].cpu(), want_metrics[2]
+    assert got_top1.dtype == want_top1.dtype == torch.bool, (got_top1.dtype, want_top1.dtype)
+    differ = (got_top1 != want_top1).nonzero().tolist()
+    assert not differ, (f"{what}label_is_argmax differs at {len(differ)} tokens, first "
+                        f"{differ[0]}: got {bool(got_top1[tuple(differ[0])])}")
 
 
 def _grad_atol(case: Case, tokens: oracle.TokenTerms, grad_logp, grad_kl) -> torch.Tensor:
@@ -72,16 +111,17 @@ def _grad_atol(case: Case, tokens: oracle.TokenTerms, grad_logp, grad_kl) -> tor
     return ULPS * EPS32 * scale + GRAD_ATOL[case.policy_dtype]
 
 
-def _compare_whole_rows(case: Case, labels, cpu_logits, kernel_logits,
-                        kernels: Kernels) -> None:
+def _compare_whole_rows(case: Case, labels, cpu_logits, kernel_logits, kernels: Kernels,
+                        policy_metrics: bool) -> None:
     """token_stats and token_stats_backward on (policy, ref) logits and the case's targets,
     the CPU op on cpu_logits, the kernels on kernel_logits (the same values)."""
     targets = targets_on(case, labels, "cpu")
     targets_k = targets_on(case, labels, kernels.device)
-    cpu = torch.ops.tdpo_ext.token_stats(*cpu_logits, targets, case.ignore_index)
-    got = kernels.ops.token_stats(*kernel_logits, targets_k, case.ignore_index)
+    cpu = torch.ops.tdpo_ext.token_stats(*cpu_logits, targets, case.ignore_index,
+                                         policy_metrics)
+    got = kernels.ops.token_stats(*kernel_logits, targets_k, case.ignore_index, policy_metrics)
     tokens = oracle.token_terms(*cpu_logits, labels.cpu(), case.ignore_index)
-    _assert_stats_within(got, cpu, tokens, "")
+    _assert_stats_within(got, cpu, tokens, cpu_logits[0], policy_metrics, "")
 
     grad_logp, grad_kl = upstream_grads(case, targets.shape)
     grad_cpu = torch.ops.tdpo_ext.token_stats_backward(
@@ -95,14 +135,15 @@ def _compare_whole_rows(case: Case, labels, cpu_logits, kernel_logits,
                   atol=_grad_atol(case, tokens, grad_logp, grad_kl), name="grad policy_logits")
 
 
-def whole_rows(case: Case, kernels: Kernels) -> None:
+def whole_rows(case: Case, kernels: Kernels, policy_metrics: bool = False) -> None:
     """token_stats and its backward, the logits in the case's layouts on each device."""
     policy, ref, labels = build(case, "cpu", policy_requires_grad=False)
     policy_k, ref_k = build(case, kernels.device, policy_requires_grad=False)[:2]
-    _compare_whole_rows(case, labels, (policy, ref), (policy_k, ref_k), kernels)
+    _compare_whole_rows(case, labels, (policy, ref), (policy_k, ref_k), kernels,
+                        policy_metrics)
 
 
-def neg_inf_logits(case: Case, kernels: Kernels) -> None:
+def neg_inf_logits(case: Case, kernels: Kernels, policy_metrics: bool = False) -> None:
     """-inf at the same places in both models (finite KL): the first half of row (0, 0)
     (whole vector chunks, threads whose every element is -inf) and every third column of
     row (0, 1); the labels of those rows finite. Needs T >= 3."""
@@ -113,39 +154,34 @@ def neg_inf_logits(case: Case, kernels: Kernels) -> None:
     policy, ref = (x.masked_fill(banned, float("-inf")) for x in (policy, ref))
     labels[0, 1], labels[0, 2] = case.v - 1, 0  # predicted by rows (0, 0) and (0, 1)
     _compare_whole_rows(case, labels, (policy, ref),
-                        (policy.to(kernels.device), ref.to(kernels.device)), kernels)
+                        (policy.to(kernels.device), ref.to(kernels.device)), kernels,
+                        policy_metrics)
 
 
-def tiles(tile_case: TileCase, kernels: Kernels) -> None:
-    """token_stats_tile over the tiles, then token_stats_finish, and token_stats_backward
-    per tile with vocab_start = its first column; the labels set so that every tile holds
-    some (the label inside the tile, at columns vocab_start + k)."""
-    case, edges = tile_case.case, tile_case.edges
-    policy, ref, labels = build(case, "cpu", policy_requires_grad=False)
-    starts = torch.tensor(edges[:-1])
-    widths = torch.tensor(edges[1:]) - starts
-    unmasked = labels[:, 1:] != case.ignore_index
-    k = torch.arange(int(unmasked.sum()))
-    labels[:, 1:][unmasked] = starts[k % len(starts)] + k // len(starts) % widths[k % len(starts)]
+def _compare_tiles(case: Case, edges, labels, cpu_logits, kernel_logits, kernels: Kernels,
+                   policy_metrics: bool) -> None:
+    """token_stats_tile over the tiles [edges[k], edges[k + 1]), then token_stats_finish,
+    and token_stats_backward per tile with vocab_start = its first column; the CPU ops on
+    cpu_logits, the kernels on kernel_logits (the same values)."""
     pairs = list(zip(edges, edges[1:]))
     stats, inputs = {}, {}
-    for name, ops, device in (("cpu", torch.ops.tdpo_ext, "cpu"),
-                              ("kernels", kernels.ops, kernels.device)):
-        p, r = build(case, device, policy_requires_grad=False)[:2]
+    for name, ops, device, (p, r) in (("cpu", torch.ops.tdpo_ext, "cpu", cpu_logits),
+                                      ("kernels", kernels.ops, kernels.device, kernel_logits)):
         y = targets_on(case, labels, device)
         state = None
         for v0, v1 in pairs:
             state = ops.token_stats_tile(p[..., v0:v1], r[..., v0:v1], y, case.ignore_index,
-                                         v0, state)
-        assert state.shape == (*y.shape, 7), state.shape
+                                         v0, state, policy_metrics)
+        assert state.shape == (*y.shape, 11 if policy_metrics else 7), state.shape
         stats[name] = ops.token_stats_finish(state, y, case.ignore_index)
         inputs[name] = (p, r, y)
-    tokens = oracle.token_terms(policy, ref, labels, case.ignore_index)
-    _assert_stats_within(stats["kernels"], stats["cpu"], tokens, "tiled ")
+    tokens = oracle.token_terms(*cpu_logits, labels, case.ignore_index)
+    _assert_stats_within(stats["kernels"], stats["cpu"], tokens, cpu_logits[0], policy_metrics,
+                         "tiled ")
 
     grad_logp, grad_kl = upstream_grads(case, labels.shape)
     atol = _grad_atol(case, tokens, grad_logp, grad_kl)
-    lse = stats["cpu"][3:]
+    lse = stats["cpu"][3:5]
     d = kernels.device
     for v0, v1 in pairs:
         want = torch.ops.tdpo_ext.token_stats_backward(
@@ -159,7 +195,73 @@ def tiles(tile_case: TileCase, kernels: Kernels) -> None:
                       name=f"grad of the tile at {v0}")
 
 
-def first_bad_label(case: Case, kernels: Kernels) -> None:
+def tiles(tile_case: TileCase, kernels: Kernels, policy_metrics: bool = False) -> None:
+    """The tiled ops (_compare_tiles) on the logits in the case's layouts on each device;
+    the labels set so that every tile holds some (the label inside the tile, at columns
+    vocab_start + k)."""
+    case, edges = tile_case.case, tile_case.edges
+    policy, ref, labels = build(case, "cpu", policy_requires_grad=False)
+    starts = torch.tensor(edges[:-1])
+    widths = torch.tensor(edges[1:]) - starts
+    unmasked = labels[:, 1:] != case.ignore_index
+    k = torch.arange(int(unmasked.sum()))
+    labels[:, 1:][unmasked] = starts[k % len(starts)] + k // len(starts) % widths[k % len(starts)]
+    kernel_logits = build(case, kernels.device, policy_requires_grad=False)[:2]
+    _compare_tiles(case, edges, labels, (policy, ref), kernel_logits, kernels, policy_metrics)
+
+
+def tie_patterns(vocab: int, first_edge: int) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Rows whose policy maximum is held by several columns: name -> (the label's column,
+    the other columns holding the maximum). The label is the argmax (torch.argmax, the
+    first maximal column) only where it comes first. Adjacent columns (mostly one thread's
+    vector, sometimes two threads'), the row's two ends (other lanes of a warp, other warps
+    of a block, the first and last tile) and the two columns around the first tile edge."""
+    mid = vocab // 2
+    return {
+        "label_first_adjacent": (mid, (mid + 1,)),
+        "label_later_adjacent": (mid + 1, (mid,)),
+        "label_first_far": (1, (vocab - 2,)),
+        "label_later_far": (vocab - 2, (1,)),
+        "label_between": (mid, (0, vocab - 1)),
+        "label_first_across_tile_edge": (first_edge - 1, (first_edge,)),
+        "label_later_across_tile_edge": (first_edge, (first_edge - 1,)),
+    }
+
+
+def tied_maxima(tile_case: TileCase, kernels: Kernels, policy_metrics: bool = True) -> None:
+    """label_is_argmax on tied policy maxima (tie_patterns, one per unmasked token in
+    turn; the tokens after them keep their drawn rows, with the label at the row's
+    argmax), whole rows and in the case's tiles: the kernels' against the CPU op's and
+    against torch.argmax of the float64 policy logits. Needs contiguous policy logits."""
+    case, edges = tile_case.case, tile_case.edges
+    policy, ref, labels = build(case, "cpu", policy_requires_grad=False)
+    assert policy.is_contiguous(), "the ties are planted in place"
+    patterns = list(tie_patterns(case.v, edges[1]).values())
+    unmasked = (labels[:, 1:] != case.ignore_index).nonzero().tolist()
+    for k, (n, t) in enumerate(unmasked):
+        row = policy[n, t]
+        if k < len(patterns):
+            label, others = patterns[k]
+            # Above every drawn logit by more than an ulp of any dtype (2^-5 relative).
+            top = row.double().max()
+            row[[label, *others]] = (top + max(abs(top.item()), 1.0) * 2.0**-5).to(row.dtype)
+        else:
+            label = int(row.double().argmax())
+        labels[n, t + 1] = label
+    top1 = policy.double()[:, :-1].argmax(-1) == labels[:, 1:]
+    want = _per_token(top1 & (labels[:, 1:] != case.ignore_index))
+    kernel_logits = (policy.to(kernels.device), ref.to(kernels.device))
+    _compare_whole_rows(case, labels, (policy, ref), kernel_logits, kernels, policy_metrics)
+    _compare_tiles(case, edges, labels, (policy, ref), kernel_logits, kernels, policy_metrics)
+    for ops, device, logits in ((torch.ops.tdpo_ext, "cpu", (policy, ref)),
+                                (kernels.ops, kernels.device, kernel_logits)):
+        got = ops.token_stats(*logits, targets_on(case, labels, device), case.ignore_index,
+                              True)[7].cpu()
+        assert torch.equal(got, want), (f"{device}: label_is_argmax {got.int().tolist()}, "
+                                        f"torch.argmax gives {want.int().tolist()}")
+
+
+def first_bad_label(case: Case, kernels: Kernels, policy_metrics: bool = False) -> None:
     """Bad labels (V, -5, V + 4) at three positions, in rows that different teams and
     blocks handle: the error names the first (smallest row, then position), which the
     kernels find by atomicMin, with the CPU op's message; the kernels then still run."""
@@ -176,13 +278,13 @@ def first_bad_label(case: Case, kernels: Kernels) -> None:
                f"{position}), outside the vocabulary [0, {case.v})")
     try:
         kernels.ops.token_stats(policy, ref, labels_in_layout(bad, case.labels_layout, case.v),
-                                case.ignore_index)
+                                case.ignore_index, policy_metrics)
     except RuntimeError as error:
         assert message in str(error), f"expected {message!r} in:\n{error}"
     else:
         raise AssertionError(f"bad labels {planted} raised nothing")
     # No sticky error, as a device-side assert would leave.
-    lse_pol = kernels.ops.token_stats(policy, ref, targets, case.ignore_index)[3]
+    lse_pol = kernels.ops.token_stats(policy, ref, targets, case.ignore_index, policy_metrics)[3]
     assert bool(torch.isfinite(lse_pol).all().cpu())
 
 

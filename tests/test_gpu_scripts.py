@@ -40,7 +40,8 @@ def test_gpu_script_without_gpu_writes_why(script, tmp_path):
 
 @no_gpu_here
 @pytest.mark.parametrize("script,args", [("sanitizer_case.py", []),
-                                         ("profile_case.py", ["8x16x32:float32"])])
+                                         ("profile_case.py", ["8x16x32:float32"]),
+                                         ("metrics_overhead.py", [])])
 def test_python_cases_without_gpu_exit_2(script, args):
     result = run([sys.executable, os.path.join(GPU, script), *args])
     assert result.returncode == 2, result.stdout + result.stderr

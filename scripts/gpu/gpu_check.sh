@@ -18,6 +18,9 @@
 #              run in CI, on every machine)
 # memcheck     the same case under compute-sanitizer memcheck           memcheck.log
 # racecheck    ... and racecheck                                         racecheck.log
+# metrics      scripts/gpu/metrics_overhead.py: the policy metrics on   metrics_cuda.md,   (not yet run)
+#              against off (token_stats, the tiled ops, tdpo_loss        metrics.log
+#              forward + backward; issue 32's target: <= 5% more)
 # bench        bench/bench_ops.py --device cuda at every shape of its    bench_cuda.md,     60 s a shape
 #              CUDA set, $TDPO_BENCH_ARGS (default "--reps 10")         bench.log
 # fused        bench/bench_fused_linear.py --device cuda (N=8 T=2048     fused_cuda.md,     30 s+
@@ -50,7 +53,7 @@ echo "$NAME: $CARD | arch $ARCH | $SOFTWARE | $TOOLS"
 build_in_place 240
 if [ $BUILT = no ]; then
   note "the later steps need the CUDA build; see build.log"
-  for s in cuda_vs_cpu tests memcheck racecheck bench fused; do skip_step "$s" "build failed"; done
+  for s in cuda_vs_cpu tests memcheck racecheck metrics bench fused; do skip_step "$s" "build failed"; done
   write_summary
   exit 1
 fi
@@ -93,6 +96,9 @@ else
   skip_step memcheck "compute-sanitizer not found"
   skip_step racecheck "compute-sanitizer not found"
 fi
+
+# The policy metrics' cost: each step timed with them on and off.
+run_step metrics 90 metrics.log "$PY" scripts/gpu/metrics_overhead.py --out "$OUT/metrics_cuda.md"
 
 # The ops' benchmark at every shape of its CUDA set, with what is left but the fused
 # benchmark's reserve. It rewrites bench_cuda.md after every shape, so a timeout keeps

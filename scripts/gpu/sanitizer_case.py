@@ -63,7 +63,7 @@ def main() -> int:
         if args.only not in entry.name:
             continue
         try:
-            entry.check(entry.inputs, kernels)
+            entry.run(kernels)
             print(f"ok    {entry.name}", flush=True)
         except Exception:  # noqa: BLE001  (every failure is reported, then the next case runs)
             failures.append(entry.name)
