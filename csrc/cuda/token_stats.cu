@@ -538,14 +538,6 @@ __global__ void __launch_bounds__(kBlockThreads)
 // ---------------------------------------------------------------------------------
 // Launchers (launch.h): the op implementations in ops_cuda.cpp check, allocate and raise.
 
-// Calls launch(metrics), metrics a std::bool_constant holding policy_metrics: the kernels
-// with the policy metrics and those without are separate instantiations.
-template <typename Launch>
-cudaError_t with_metrics(bool policy_metrics, const Launch& launch) {
-  if (policy_metrics) return launch(std::true_type{});
-  return launch(std::false_type{});
-}
-
 // Queues one row kernel of the launchers below: returns launch(team, blocks, stream),
 // team a std::integral_constant holding the threads per row (a warp up to
 // kWarpRowMaxVocab columns, else the whole block), blocks enough to cover the layout's
@@ -560,6 +552,18 @@ cudaError_t launch_rows(const RowLayout& layout, const Launch& launch) {
   return launch(std::integral_constant<int, kBlockThreads>{}, blocks, stream);
 }
 
+// launch_rows for a forward kernel: launch(team, metrics, blocks, stream), metrics a
+// std::bool_constant holding policy_metrics (the kernels with the policy metrics and those
+// without are separate instantiations).
+template <typename Launch>
+cudaError_t launch_forward_rows(const RowLayout& layout, bool policy_metrics,
+                                const Launch& launch) {
+  return launch_rows(layout, [&](auto team, int64_t blocks, cudaStream_t stream) {
+    if (policy_metrics) return launch(team, std::true_type{}, blocks, stream);
+    return launch(team, std::false_type{}, blocks, stream);
+  });
+}
+
 }  // namespace
 
 cudaError_t launch_token_stats(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
@@ -570,16 +574,15 @@ cudaError_t launch_token_stats(const at::Tensor& policy_logits, const at::Tensor
   cudaError_t status = cudaSuccess;
   TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
                             "tdpo_ext::token_stats", [&] {
-    status = with_metrics(out.has_metrics(), [&](auto metrics) {
-      return launch_rows(layout, [&](auto team, int64_t blocks, cudaStream_t stream) {
-        return launch_kernel(
-            "tdpo_ext::token_stats",
-            TDPO_KERNEL(token_stats_kernel<policy_t, ref_t, decltype(team)::value,
-                                           decltype(metrics)::value>),
-            blocks, kBlockThreads, stream, policy_logits.data_ptr<policy_t>(),
-            ref_logits.data_ptr<ref_t>(), targets.data_ptr<int64_t>(), layout, ignore_index,
-            out, first_bad);
-      });
+    status = launch_forward_rows(layout, out.has_metrics(), [&](auto team, auto metrics,
+                                                                int64_t blocks,
+                                                                cudaStream_t stream) {
+      return launch_kernel("tdpo_ext::token_stats",
+                           TDPO_KERNEL(token_stats_kernel<policy_t, ref_t, decltype(team)::value,
+                                                          decltype(metrics)::value>),
+                           blocks, kBlockThreads, stream, policy_logits.data_ptr<policy_t>(),
+                           ref_logits.data_ptr<ref_t>(), targets.data_ptr<int64_t>(), layout,
+                           ignore_index, out, first_bad);
     });
   });
   return status;
@@ -594,16 +597,16 @@ cudaError_t launch_token_stats_tile(const at::Tensor& policy_logits,
   cudaError_t status = cudaSuccess;
   TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
                             "tdpo_ext::token_stats_tile", [&] {
-    status = with_metrics(policy_metrics, [&](auto metrics) {
-      return launch_rows(layout, [&](auto team, int64_t blocks, cudaStream_t stream) {
-        return launch_kernel(
-            "tdpo_ext::token_stats_tile",
-            TDPO_KERNEL(token_stats_tile_kernel<policy_t, ref_t, decltype(team)::value,
-                                                decltype(metrics)::value>),
-            blocks, kBlockThreads, stream, policy_logits.data_ptr<policy_t>(),
-            ref_logits.data_ptr<ref_t>(), targets.data_ptr<int64_t>(), layout, ignore_index,
-            vocab_start, state_in, state_out);
-      });
+    status = launch_forward_rows(layout, policy_metrics, [&](auto team, auto metrics,
+                                                             int64_t blocks,
+                                                             cudaStream_t stream) {
+      return launch_kernel(
+          "tdpo_ext::token_stats_tile",
+          TDPO_KERNEL(token_stats_tile_kernel<policy_t, ref_t, decltype(team)::value,
+                                              decltype(metrics)::value>),
+          blocks, kBlockThreads, stream, policy_logits.data_ptr<policy_t>(),
+          ref_logits.data_ptr<ref_t>(), targets.data_ptr<int64_t>(), layout, ignore_index,
+          vocab_start, state_in, state_out);
     });
   });
   return status;
@@ -612,14 +615,15 @@ cudaError_t launch_token_stats_tile(const at::Tensor& policy_logits,
 cudaError_t launch_token_stats_finish(const at::Tensor& state, const at::Tensor& targets,
                                       int64_t ignore_index, const TokenStatsOut& out) {
   const int64_t rows = targets.numel();
-  return with_metrics(out.has_metrics(), [&](auto metrics) {
-    return launch_kernel(
-        "tdpo_ext::token_stats_finish",
-        TDPO_KERNEL(token_stats_finish_kernel<decltype(metrics)::value>),
-        (rows + kBlockThreads - 1) / kBlockThreads, kBlockThreads,
-        at::cuda::getCurrentCUDAStream(), state.data_ptr<float>(), targets.data_ptr<int64_t>(),
-        rows, targets.size(1), targets.stride(0), targets.stride(1), ignore_index, out);
-  });
+  const auto launch = [&](auto kernel) {
+    return launch_kernel("tdpo_ext::token_stats_finish", kernel,
+                         (rows + kBlockThreads - 1) / kBlockThreads, kBlockThreads,
+                         at::cuda::getCurrentCUDAStream(), state.data_ptr<float>(),
+                         targets.data_ptr<int64_t>(), rows, targets.size(1), targets.stride(0),
+                         targets.stride(1), ignore_index, out);
+  };
+  if (out.has_metrics()) return launch(TDPO_KERNEL(token_stats_finish_kernel<true>));
+  return launch(TDPO_KERNEL(token_stats_finish_kernel<false>));
 }
 
 cudaError_t launch_token_stats_backward(const at::Tensor& grad_logp_pol,
