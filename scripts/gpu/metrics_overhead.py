@@ -36,8 +36,8 @@ TARGET = 1.05  # time with the metrics / time without
 def steps(inputs):
     """name -> step(policy_metrics) on inputs."""
     policy, ref, labels = inputs
-    targets = tdpo_ext.shift_labels(labels, bench_ops.IGNORE_INDEX)
-    logits = (policy.detach()[:, :-1], ref[:, :-1])
+    targets = tdpo_ext.shift_labels(labels, bench_ops.IGNORE_INDEX)  # as tdpo_loss passes them
+    logits = (policy.detach(), ref)
     v = policy.shape[-1]
     edges = [v * k // TILES for k in range(TILES + 1)]
     ignore = bench_ops.IGNORE_INDEX
