@@ -172,7 +172,9 @@ def _compare_tiles(case: Case, edges, labels, cpu_logits, kernel_logits, kernels
         for v0, v1 in pairs:
             state = ops.token_stats_tile(p[..., v0:v1], r[..., v0:v1], y, case.ignore_index,
                                          v0, state, policy_metrics)
-        assert state.shape == (*y.shape, 11 if policy_metrics else 7), state.shape
+        floats = (tdpo_ext.ops.TILE_STATE_WITH_METRICS_FLOATS if policy_metrics
+                  else tdpo_ext.ops.TILE_STATE_FLOATS)
+        assert state.shape == (*y.shape, floats), state.shape
         stats[name] = ops.token_stats_finish(state, y, case.ignore_index)
         inputs[name] = (p, r, y)
     tokens = oracle.token_terms(*cpu_logits, labels, case.ignore_index)

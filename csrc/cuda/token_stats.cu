@@ -201,8 +201,8 @@ __device__ __forceinline__ void fold_chunk(RowState<kMetrics>& state, const floa
   if constexpr (kMetrics) chunk.metrics = empty_metrics_state();
 #pragma unroll
   for (int j = 0; j < kN; ++j) {
-    const float ex = expf(x[j] - shift_x);
     const float er = expf(r[j] - shift_r);
+    const float ex = expf(x[j] - shift_x);
     chunk.softmax.sum_pol += ex;
     chunk.softmax.sum_ref += er;
     chunk.softmax.ref_diff_sum += ref_diff_term(er, r[j], x[j], gap);
@@ -405,21 +405,21 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   const P* x = policy_logits + n * layout.pol_stride_n + t * layout.pol_stride_t;
   const R* r = ref_logits + n * layout.ref_stride_n + t * layout.ref_stride_t;
-  // The label's column in this tile; outside [0, vocab) when another tile holds it.
-  const int64_t label_col = y - vocab_start;
+  // y - vocab_start: the label's column in this tile; outside [0, vocab) when another tile
+  // holds it.
   const RowState<kMetrics> tile =
-      row_state<kTeam, kMetrics>(x, r, layout.vocab, label_col, pos.lane);
+      row_state<kTeam, kMetrics>(x, r, layout.vocab, y - vocab_start, pos.lane);
   if (pos.lane == 0) {
-    const float* in =
-        state_in != nullptr ? state_in + pos.row * tile_state_floats<kMetrics>() : nullptr;
-    const TokenTileState before = in != nullptr ? load_tile_state(in) : empty_tile_state();
+    const int64_t at = pos.row * tile_state_floats<kMetrics>();
+    const TokenTileState before =
+        state_in != nullptr ? load_tile_state(state_in + at) : empty_tile_state();
     if constexpr (kMetrics) {
       const PolicyMetricsState before_metrics =
-          in != nullptr ? load_metrics_state(in) : empty_metrics_state();
+          state_in != nullptr ? load_metrics_state(state_in + at) : empty_metrics_state();
       store_metrics_state(
           out, merge_metrics(before.softmax, before_metrics, tile.softmax, tile.metrics));
     }
-    store_tile_state(out, fold_tile(before, tile.softmax, x, r, label_col, layout.vocab));
+    store_tile_state(out, fold_tile(before, tile.softmax, x, r, y - vocab_start, layout.vocab));
   }
 }
 
