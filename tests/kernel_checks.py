@@ -66,43 +66,49 @@ def _per_token(values: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(values, (0, 1))
 
 
-def metric_magnitudes(policy: torch.Tensor,
-                      tokens: oracle.TokenTerms) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, T) sums of |terms| that entropy and logit_mean are computed from (0 where
-    masked), for the RTOL / ULPS rule: entropy = log(sum_v exp(x_v - max)) -
-    E_p[x - max] (csrc/tdpo_math.h): 1 for the relative rounding of the sums, |log sum| =
-    |max of the log-probabilities|, and E_p|x - max| (a zero probability adds nothing,
-    also at a -inf logit); logit_mean = sum_v x_v / V: the mean |x_v|."""
-    log_p = tokens.logp_x
+def metric_atols(policy: torch.Tensor, labels: torch.Tensor,
+                 ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) absolute tolerances of entropy and logit_mean (0 where masked): ULPS * EPS32
+    times the sums of |terms| they are computed from, the rule of the other statistics.
+    entropy = log(sum_v exp(x_v - max)) - E_p[x - max] (csrc/tdpo_math.h): 1 for the
+    relative rounding of the sums, |log sum|, E_p|x - max| (a zero probability adds
+    nothing, also at a -inf logit); logit_mean = sum_v x_v / V: the mean |x_v| over the
+    finite logits (a -inf one makes it -inf, which must match exactly)."""
+    x = policy.detach().double()[:, :-1]
+    mask = labels[:, 1:] != ignore_index
+    log_p = x.log_softmax(-1)
     p = log_p.exp()
     top = log_p.amax(-1, keepdim=True)
     spread = (p * torch.where(p > 0, (log_p - top).abs(), 0.0)).sum(-1)
     entropy = 1 + top.squeeze(-1).abs() + spread
-    logit_mean = policy.detach().double()[:, :-1].abs().mean(-1)
-    return tuple(_per_token(torch.where(tokens.mask, m, 0.0)) for m in (entropy, logit_mean))
+    logit_mean = torch.where(torch.isfinite(x), x.abs(), 0.0).mean(-1)
+    return tuple(_per_token(ULPS * EPS32 * torch.where(mask, m, 0.0))
+                 for m in (entropy, logit_mean))
 
 
-def _assert_stats_within(got, want, tokens: oracle.TokenTerms, policy: torch.Tensor,
-                         policy_metrics: bool, what: str) -> None:
+def _assert_stats_within(got, want, tokens: oracle.TokenTerms, metrics_atol, what: str) -> None:
     """The eight outputs of token_stats (or token_stats_finish) of the kernels, got,
-    against the CPU op's, want, on the policy logits `policy`: the metrics within the same
-    rule as the statistics, label_is_argmax exactly; empty without policy_metrics."""
+    against the CPU op's, want: with metrics_atol (metric_atols), the policy metrics within
+    those, label_is_argmax exactly; without, their outputs empty."""
     magnitude = _per_token(tokens.magnitude)
     for name, g, w in zip(STAT_NAMES, got, want):
         assert_within(g, w, rtol=RTOL, atol=ULPS * EPS32 * magnitude, name=f"{what}{name}")
     metrics, want_metrics = got[len(STAT_NAMES):], want[len(STAT_NAMES):]
-    if not policy_metrics:
+    if metrics_atol is None:
         for name, g in zip(METRIC_NAMES, metrics):
             assert g.shape == (0,), f"{what}{name} without policy_metrics: {tuple(g.shape)}"
         return
-    for name, g, w, m in zip(METRIC_NAMES[:2], metrics, want_metrics,
-                             metric_magnitudes(policy, tokens)):
-        assert_within(g, w, rtol=RTOL, atol=ULPS * EPS32 * m, name=f"{what}{name}")
+    for name, g, w, atol in zip(METRIC_NAMES[:2], metrics, want_metrics, metrics_atol):
+        assert_within(g, w, rtol=RTOL, atol=atol, name=f"{what}{name}")
     got_top1, want_top1 = metrics[2].cpu(), want_metrics[2]
     assert got_top1.dtype == want_top1.dtype == torch.bool, (got_top1.dtype, want_top1.dtype)
     differ = (got_top1 != want_top1).nonzero().tolist()
     assert not differ, (f"{what}label_is_argmax differs at {len(differ)} tokens, first "
                         f"{differ[0]}: got {bool(got_top1[tuple(differ[0])])}")
+
+
+def _metrics_atol(case: Case, labels, cpu_logits, policy_metrics: bool):
+    return metric_atols(cpu_logits[0], labels.cpu(), case.ignore_index) if policy_metrics else None
 
 
 def _grad_atol(case: Case, tokens: oracle.TokenTerms, grad_logp, grad_kl) -> torch.Tensor:
@@ -121,7 +127,8 @@ def _compare_whole_rows(case: Case, labels, cpu_logits, kernel_logits, kernels: 
                                          policy_metrics)
     got = kernels.ops.token_stats(*kernel_logits, targets_k, case.ignore_index, policy_metrics)
     tokens = oracle.token_terms(*cpu_logits, labels.cpu(), case.ignore_index)
-    _assert_stats_within(got, cpu, tokens, cpu_logits[0], policy_metrics, "")
+    _assert_stats_within(got, cpu, tokens, _metrics_atol(case, labels, cpu_logits, policy_metrics),
+                         "")
 
     grad_logp, grad_kl = upstream_grads(case, targets.shape)
     grad_cpu = torch.ops.tdpo_ext.token_stats_backward(
@@ -178,8 +185,8 @@ def _compare_tiles(case: Case, edges, labels, cpu_logits, kernel_logits, kernels
         stats[name] = ops.token_stats_finish(state, y, case.ignore_index)
         inputs[name] = (p, r, y)
     tokens = oracle.token_terms(*cpu_logits, labels, case.ignore_index)
-    _assert_stats_within(stats["kernels"], stats["cpu"], tokens, cpu_logits[0], policy_metrics,
-                         "tiled ")
+    _assert_stats_within(stats["kernels"], stats["cpu"], tokens,
+                         _metrics_atol(case, labels, cpu_logits, policy_metrics), "tiled ")
 
     grad_logp, grad_kl = upstream_grads(case, labels.shape)
     atol = _grad_atol(case, tokens, grad_logp, grad_kl)
