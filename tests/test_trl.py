@@ -26,6 +26,7 @@ from transformers import TrainerCallback  # noqa: E402
 from trl import DPOTrainer  # noqa: E402
 
 from compare import assert_adam_alike  # noqa: E402
+from error_bounds import EPS32, ULPS  # noqa: E402
 from ports import free_port  # noqa: E402
 from trl_setup import make_config, make_dataset, make_tokenizer, models_pair  # noqa: E402
 
@@ -131,6 +132,62 @@ def test_sigmoid_equals_trl_dpo(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
     for a, b in zip(ours_grads.grads, theirs_grads.grads):
         assert_grads_close(a, b, rtol=1e-4)
+
+
+# DPOTrainer's metrics of the policy's tokens, which TDPOTrainer logs under the same names.
+POLICY_METRICS = ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy")
+
+
+def policy_metrics_atol(policy) -> float:
+    """How far two float32 computations of entropy or logits/* by the same policy on the
+    same batch may be apart (TRL's and ours; one process's and two's).
+
+    Each is a mean over completion tokens of a float32 value computed from the token's
+    logits x_v = h . w_v, v < V; tests/error_bounds.py bounds a float32 value built from
+    terms by ULPS * EPS32 * their total magnitude. With S = sqrt(H) max|g| max_v |w_v|,
+    which bounds every sum_k |h_k w_vk| and so every |x_v| (h is RMSNorm's output, of
+    2-norm at most sqrt(H) max|g|, g its gain):
+      - each logit is a dot product of terms totalling at most S; the entropy moves by at
+        most 2S times a change of every logit (dH/dx_v = -p_v (x_v - E_p x)), the mean
+        logit by 1 times: magnitude (2S + 1) S;
+      - entropy = lse - sum_v p_v x_v, terms up to |lse| + max|x| <= ln V + 2S; the mean
+        logit, terms up to S;
+      - the sums over tokens and processes, and the quotient, of values up to ln V
+        (entropy) or S.
+    Each of the two computations: ULPS * EPS32 * (2 S^2 + S + ln V + 2S + ln V + S)."""
+    gain, weight = policy.model.norm.weight, policy.lm_head.weight
+    vocab, hidden = weight.shape
+    s = hidden ** 0.5 * gain.abs().max().item() * weight.norm(dim=1).max().item()
+    return 2 * ULPS * EPS32 * (2 * s * s + 4 * s + 2 * math.log(vocab))
+
+
+def assert_policy_metrics_close(got: dict, expected: dict, atol: float, what: str) -> None:
+    """The four metrics of two logged steps: entropy and logits/* within atol, the token
+    accuracy (a ratio of token counts) up to the float32 rounding of the quotient, which
+    DPOTrainer divides in float32; an argmax that differed would move it by 1 / count."""
+    for name in POLICY_METRICS:
+        tol = EPS32 if name == "mean_token_accuracy" else atol
+        assert got[name] == pytest.approx(expected[name], rel=0, abs=tol), (what, name)
+
+
+def test_policy_metrics_equal_dpo_trainers(tmp_path):
+    """TDPOTrainer's entropy, logits/* and mean_token_accuracy, from its kernels' per-token
+    metrics (fused head and logits path), equal DPOTrainer's own on the same first batch.
+    Tied embeddings and echoing chosen responses (trl_setup.make_dataset): the accuracy is
+    far from 0 and differs between the chosen and the rejected responses."""
+    logged = {}
+    for run, trainer_class, fused in (("trl", DPOTrainer, True), ("fused", TDPOTrainer, True),
+                                      ("logits", TDPOTrainer, False)):
+        policy, ref = models_pair(move=1.0, tied=True)
+        trainer, _ = train(tmp_path / run, trainer_class=trainer_class, policy=policy, ref=ref,
+                           dataset=make_dataset(echo=True), loss_type="sigmoid",
+                           use_fused_linear=fused, max_steps=1)
+        logged[run] = trainer.state.log_history[0]
+    theirs = logged.pop("trl")
+    assert 0.2 < theirs["mean_token_accuracy"] < 0.8, theirs  # neither all nor none
+    atol = policy_metrics_atol(models_pair(move=1.0, tied=True)[0])
+    for run, ours in logged.items():
+        assert_policy_metrics_close(ours, theirs, atol, run)
 
 
 @pytest.mark.parametrize("conversational", [False, True])
@@ -305,7 +362,9 @@ def test_bad_row_of_a_streamed_dataset_is_refused_as_it_streams(tmp_path):
 def test_two_processes_equal_one(tmp_path):
     """torchrun, 2 CPU processes (gloo), fused LM head: after two steps both ranks hold
     the same parameters, and log the same metrics, equal to one process's on the same
-    global batch (the metrics averaged over both processes' pairs, not each one's own)."""
+    global batch (the metrics averaged over both processes' pairs, not each one's own;
+    entropy, logits/* and mean_token_accuracy over both processes' tokens, whose counts
+    differ between the processes)."""
     script = os.path.join(HERE, "trl_ddp_run.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE + os.pathsep +
                os.environ.get("PYTHONPATH", ""))
@@ -326,9 +385,16 @@ def test_two_processes_equal_one(tmp_path):
             for rank, ranks in enumerate(got):
                 assert ranks[name] == pytest.approx(value, rel=1e-4, abs=1e-6), \
                     (step, rank, name)
+    # The first step's, where both runs hold the same parameters (afterwards they may
+    # differ by what Adam can move them, compare.py).
+    first = [next(log for log in run["log_history"] if "loss" in log)
+             for run in (one, rank0, rank1)]
+    atol = policy_metrics_atol(models_pair(move=1.0, tied=True)[0])
+    for rank, ranks in enumerate(first[1:]):
+        assert_policy_metrics_close(ranks, first[0], atol, f"rank {rank}")
     adam = one["adam"]
     one, rank0, rank1 = (run["params"] for run in (one, rank0, rank1))
-    start = models_pair(move=1.0)[0].state_dict()
+    start = models_pair(move=1.0, tied=True)[0].state_dict()
     for name in one:
         assert torch.equal(rank0[name], rank1[name]), name
     assert_adam_alike(rank0, one, **adam, name="rank 0")
