@@ -144,9 +144,10 @@ class TDPOTrainer(DPOTrainer):
 
     The reference is ``ref_model``, or, when training a PEFT adapter without one, the
     base model with its adapters disabled, as DPOTrainer does. Logged beside DPOTrainer's
-    names (rewards/*, logps/*): kl/chosen, kl/rejected and kl/margin (rejected - chosen),
-    the sequential KL(pi_ref || pi_theta) of each response. The rewards are TDPO's,
-    beta * (log-ratio + sequential KL), for every loss_type.
+    names (rewards/*, logps/*, entropy, logits/*, mean_token_accuracy): kl/chosen,
+    kl/rejected and kl/margin (rejected - chosen), the sequential KL(pi_ref || pi_theta) of
+    each response. The rewards are TDPO's, beta * (log-ratio + sequential KL), for every
+    loss_type.
     """
 
     _tag_names = ["trl", "tdpo", "tdpo-ext"]
