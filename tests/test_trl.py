@@ -115,45 +115,47 @@ def test_first_step_equals_tdpo_loss_by_hand(tmp_path, loss_type, tied):
     assert_grads_close(recorder.grads[0], grads)
 
 
+def train_echoing(tmp_path, **config):
+    """train() with tied embeddings, on chosen responses that echo a word
+    (trl_setup.make_dataset): a mean_token_accuracy far from 0, and other than over the
+    rejected responses."""
+    policy, ref = models_pair(move=1.0, tied=True)
+    return train(tmp_path, policy=policy, ref=ref, dataset=make_dataset(echo=True), **config)
+
+
+def assert_first_policy_metrics_close(got, expected, what: str) -> None:
+    """entropy, logits/* and mean_token_accuracy of two runs' first step, where both hold
+    train_echoing's start parameters."""
+    expected = expected.state.log_history[0]
+    assert 0.2 < expected["mean_token_accuracy"] < 0.8, expected  # neither all nor none
+    assert_policy_metrics_close(got.state.log_history[0], expected,
+                                policy_metrics_atol(models_pair(move=1.0, tied=True)[0]), what)
+
+
 def test_fused_head_equals_logits_path(tmp_path):
-    runs = [train(tmp_path / str(fused), use_fused_linear=fused, max_steps=2)
+    runs = [train_echoing(tmp_path / str(fused), use_fused_linear=fused, max_steps=2)
             for fused in (True, False)]
     (fused, fused_grads), (logits, logits_grads) = runs
     for (_, a), (_, b) in zip(fused.steps, logits.steps):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
     for a, b in zip(fused_grads.grads, logits_grads.grads):
         assert_grads_close(a, b)
+    assert_first_policy_metrics_close(logits, fused, "logits path")
 
 
 def test_sigmoid_equals_trl_dpo(tmp_path):
-    ours, ours_grads = train(tmp_path / "ours", loss_type="sigmoid", max_steps=2)
-    theirs, theirs_grads = train(tmp_path / "trl", trainer_class=DPOTrainer,
-                                 loss_type="sigmoid", max_steps=2)
+    """DPO's loss and gradients, and the metrics of the policy's tokens (from the kernels'
+    per-token metrics), equal DPOTrainer's own; with test_fused_head_equals_logits_path,
+    on both paths. Every release of the supported range (TRL 1.8 to 1.16) logs the four,
+    so none skips the comparison."""
+    ours, ours_grads = train_echoing(tmp_path / "ours", loss_type="sigmoid", max_steps=2)
+    theirs, theirs_grads = train_echoing(tmp_path / "trl", trainer_class=DPOTrainer,
+                                         loss_type="sigmoid", max_steps=2)
     for (_, a), (_, b) in zip(ours.steps, theirs.steps):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
     for a, b in zip(ours_grads.grads, theirs_grads.grads):
         assert_grads_close(a, b, rtol=1e-4)
-
-
-def test_policy_metrics_equal_dpo_trainers(tmp_path):
-    """TDPOTrainer's entropy, logits/* and mean_token_accuracy, from its kernels' per-token
-    metrics (fused head and logits path), equal DPOTrainer's own on the same first batch.
-    Tied embeddings and echoing chosen responses (trl_setup.make_dataset): the accuracy is
-    far from 0 and differs between the chosen and the rejected responses. Every release
-    of the supported range (TRL 1.8 to 1.16) logs the four, so none skips the comparison."""
-    logged = {}
-    for run, trainer_class, fused in (("trl", DPOTrainer, True), ("fused", TDPOTrainer, True),
-                                      ("logits", TDPOTrainer, False)):
-        policy, ref = models_pair(move=1.0, tied=True)
-        trainer, _ = train(tmp_path / run, trainer_class=trainer_class, policy=policy, ref=ref,
-                           dataset=make_dataset(echo=True), loss_type="sigmoid",
-                           use_fused_linear=fused, max_steps=1)
-        logged[run] = trainer.state.log_history[0]
-    theirs = logged.pop("trl")
-    assert 0.2 < theirs["mean_token_accuracy"] < 0.8, theirs  # neither all nor none
-    atol = policy_metrics_atol(models_pair(move=1.0, tied=True)[0])
-    for run, ours in logged.items():
-        assert_policy_metrics_close(ours, theirs, atol, run)
+    assert_first_policy_metrics_close(ours, theirs, "fused head")
 
 
 @pytest.mark.parametrize("conversational", [False, True])
