@@ -289,7 +289,6 @@ class TDPOTrainer(DPOTrainer):
             self._total_train_tokens += tokens // tensor_parallel_size(self)
         metrics["num_tokens"] = [self._total_train_tokens]
 
-
     def _log_policy_metrics(self, mode, token_metrics) -> None:
         """DPOTrainer's entropy, logits/chosen, logits/rejected and mean_token_accuracy, as
         it defines and gathers them: each is a sum over completion tokens (the policy's
