@@ -27,7 +27,7 @@ from trl import DPOTrainer  # noqa: E402
 
 from compare import assert_adam_alike  # noqa: E402
 from ports import free_port  # noqa: E402
-from trl_policy_metrics import (assert_policy_metrics_close,  # noqa: E402
+from trl_policy_metrics import (POLICY_METRICS, assert_policy_metrics_close,  # noqa: E402
                                 policy_metrics_atol)
 from trl_setup import make_config, make_dataset, make_tokenizer, models_pair  # noqa: E402
 
@@ -390,5 +390,6 @@ def test_checkpointing_bf16_and_eval(tmp_path):
         losses.append(torch.stack([loss for _, loss in trainer.steps]))
     torch.testing.assert_close(losses[0], losses[1], rtol=2e-2, atol=0)
     metrics = trainer.evaluate(make_dataset(4, seed=3))
-    for name in ("loss", "rewards/accuracies", "kl/chosen", "kl/rejected", "kl/margin"):
+    for name in ("loss", "rewards/accuracies", "kl/chosen", "kl/rejected", "kl/margin",
+                 *POLICY_METRICS):
         assert math.isfinite(metrics[f"eval_{name}"]), name
