@@ -27,6 +27,8 @@ from trl import DPOTrainer  # noqa: E402
 
 from compare import assert_adam_alike  # noqa: E402
 from ports import free_port  # noqa: E402
+from trl_policy_metrics import (POLICY_METRICS, assert_policy_metrics_close,  # noqa: E402
+                                policy_metrics_atol)
 from trl_setup import make_config, make_dataset, make_tokenizer, models_pair  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -113,24 +115,47 @@ def test_first_step_equals_tdpo_loss_by_hand(tmp_path, loss_type, tied):
     assert_grads_close(recorder.grads[0], grads)
 
 
+def train_echoing(tmp_path, **config):
+    """train() with tied embeddings, on chosen responses that echo a word
+    (trl_setup.make_dataset): a mean_token_accuracy far from 0, and other than over the
+    rejected responses."""
+    policy, ref = models_pair(move=1.0, tied=True)
+    return train(tmp_path, policy=policy, ref=ref, dataset=make_dataset(echo=True), **config)
+
+
+def assert_first_policy_metrics_close(got, expected, what: str) -> None:
+    """entropy, logits/* and mean_token_accuracy of two runs' first step, where both hold
+    train_echoing's start parameters."""
+    expected = expected.state.log_history[0]
+    assert 0.2 < expected["mean_token_accuracy"] < 0.8, expected  # neither all nor none
+    assert_policy_metrics_close(got.state.log_history[0], expected,
+                                policy_metrics_atol(models_pair(move=1.0, tied=True)[0]), what)
+
+
 def test_fused_head_equals_logits_path(tmp_path):
-    runs = [train(tmp_path / str(fused), use_fused_linear=fused, max_steps=2)
+    runs = [train_echoing(tmp_path / str(fused), use_fused_linear=fused, max_steps=2)
             for fused in (True, False)]
     (fused, fused_grads), (logits, logits_grads) = runs
     for (_, a), (_, b) in zip(fused.steps, logits.steps):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
     for a, b in zip(fused_grads.grads, logits_grads.grads):
         assert_grads_close(a, b)
+    assert_first_policy_metrics_close(logits, fused, "logits path")
 
 
 def test_sigmoid_equals_trl_dpo(tmp_path):
-    ours, ours_grads = train(tmp_path / "ours", loss_type="sigmoid", max_steps=2)
-    theirs, theirs_grads = train(tmp_path / "trl", trainer_class=DPOTrainer,
-                                 loss_type="sigmoid", max_steps=2)
+    """DPO's loss and gradients, and the metrics of the policy's tokens (from the kernels'
+    per-token metrics), equal DPOTrainer's own; with test_fused_head_equals_logits_path,
+    on both paths. Every release of the supported range (TRL 1.8 to 1.16) logs the four,
+    so none skips the comparison."""
+    ours, ours_grads = train_echoing(tmp_path / "ours", loss_type="sigmoid", max_steps=2)
+    theirs, theirs_grads = train_echoing(tmp_path / "trl", trainer_class=DPOTrainer,
+                                         loss_type="sigmoid", max_steps=2)
     for (_, a), (_, b) in zip(ours.steps, theirs.steps):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
     for a, b in zip(ours_grads.grads, theirs_grads.grads):
         assert_grads_close(a, b, rtol=1e-4)
+    assert_first_policy_metrics_close(ours, theirs, "fused head")
 
 
 @pytest.mark.parametrize("conversational", [False, True])
@@ -305,7 +330,9 @@ def test_bad_row_of_a_streamed_dataset_is_refused_as_it_streams(tmp_path):
 def test_two_processes_equal_one(tmp_path):
     """torchrun, 2 CPU processes (gloo), fused LM head: after two steps both ranks hold
     the same parameters, and log the same metrics, equal to one process's on the same
-    global batch (the metrics averaged over both processes' pairs, not each one's own)."""
+    global batch (the metrics averaged over both processes' pairs, not each one's own;
+    entropy, logits/* and mean_token_accuracy over both processes' tokens, whose counts
+    differ between the processes)."""
     script = os.path.join(HERE, "trl_ddp_run.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE + os.pathsep +
                os.environ.get("PYTHONPATH", ""))
@@ -326,9 +353,16 @@ def test_two_processes_equal_one(tmp_path):
             for rank, ranks in enumerate(got):
                 assert ranks[name] == pytest.approx(value, rel=1e-4, abs=1e-6), \
                     (step, rank, name)
+    # The first step's, where both runs hold the same parameters (afterwards they may
+    # differ by what Adam can move them, compare.py).
+    first = [next(log for log in run["log_history"] if "loss" in log)
+             for run in (one, rank0, rank1)]
+    atol = policy_metrics_atol(models_pair(move=1.0, tied=True)[0])
+    for rank, ranks in enumerate(first[1:]):
+        assert_policy_metrics_close(ranks, first[0], atol, f"rank {rank}")
     adam = one["adam"]
     one, rank0, rank1 = (run["params"] for run in (one, rank0, rank1))
-    start = models_pair(move=1.0)[0].state_dict()
+    start = models_pair(move=1.0, tied=True)[0].state_dict()
     for name in one:
         assert torch.equal(rank0[name], rank1[name]), name
     assert_adam_alike(rank0, one, **adam, name="rank 0")
@@ -356,5 +390,6 @@ def test_checkpointing_bf16_and_eval(tmp_path):
         losses.append(torch.stack([loss for _, loss in trainer.steps]))
     torch.testing.assert_close(losses[0], losses[1], rtol=2e-2, atol=0)
     metrics = trainer.evaluate(make_dataset(4, seed=3))
-    for name in ("loss", "rewards/accuracies", "kl/chosen", "kl/rejected", "kl/margin"):
+    for name in ("loss", "rewards/accuracies", "kl/chosen", "kl/rejected", "kl/margin",
+                 *POLICY_METRICS):
         assert math.isfinite(metrics[f"eval_{name}"]), name

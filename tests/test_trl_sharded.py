@@ -2,7 +2,8 @@
 two CPU processes (gloo) under `accelerate launch` with the configs of examples/, against
 one process on the same global batch. trl_sharded_run.py runs the configurations (separate
 reference with untied and tied heads, PEFT LoRA without a reference, sync_ref_model,
-gradient checkpointing on and off, evaluation) and asserts that the models are sharded."""
+gradient checkpointing on and off, evaluation) and asserts that the models are sharded;
+the first step's entropy, logits/* and mean_token_accuracy equal one process's."""
 from __future__ import annotations
 
 import os
@@ -19,6 +20,7 @@ import transformers  # noqa: E402
 
 from compare import assert_adam_alike  # noqa: E402
 from ports import free_port  # noqa: E402
+from trl_policy_metrics import assert_policy_metrics_close, policy_metrics_atol  # noqa: E402
 from trl_setup import models_pair  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -73,6 +75,11 @@ def test_sharded_fused_head_equals_one_process(tmp_path, one_process, strategy):
         assert len(got["losses"]) == len(one["losses"]) >= 2, name
         torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(one["losses"]),
                                    rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        # The first step's metrics, where both runs hold the same parameters.
+        policy = models_pair(move=1.0, tied=trl_sharded_run.CONFIGURATIONS[name][1],
+                             hidden=trl_sharded_run.HIDDEN)[0]
+        assert_policy_metrics_close(got["first_step"], one["first_step"],
+                                    policy_metrics_atol(policy), name)
         if "eval_loss" in one:
             assert got["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-5), name
         assert_adam_alike(got["params"], one["params"], **one["adam"], name=name)

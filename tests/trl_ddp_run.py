@@ -14,10 +14,11 @@ from tdpo_ext.trl import TDPOTrainer
 from trl_setup import adam_settings, make_config, make_dataset, make_tokenizer, models_pair
 
 out, per_device = sys.argv[1], int(sys.argv[2])
-policy, ref = models_pair(move=1.0)
+# Tied and echoing (make_dataset): a mean_token_accuracy far from 0, as in test_trl.py.
+policy, ref = models_pair(move=1.0, tied=True)
 args = make_config(out, per_device_train_batch_size=per_device, ddp_backend="gloo")
-trainer = TDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=make_dataset(),
-                      processing_class=make_tokenizer())
+trainer = TDPOTrainer(model=policy, ref_model=ref, args=args,
+                      train_dataset=make_dataset(echo=True), processing_class=make_tokenizer())
 trainer.train()
 rank = dist.get_rank() if dist.is_initialized() else 0
 torch.save({"params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},

@@ -55,14 +55,19 @@ def _words(rng, n):
     return " ".join(f"w{rng.randrange(N_WORDS)}" for _ in range(n))
 
 
-def make_dataset(n_pairs=8, *, conversational=False, implicit=False, seed=0):
+def make_dataset(n_pairs=8, *, conversational=False, implicit=False, echo=False, seed=0):
     """Preference pairs in one of TRL's four formats. Completions start with a space so
-    that prompt + completion splits into the same words as each part alone."""
+    that prompt + completion splits into the same words as each part alone. With echo,
+    each chosen response repeats one word: a random model with tied embeddings predicts
+    the token it reads as the next one, so its mean_token_accuracy (over the chosen
+    responses) is far from 0, and from its value over the rejected ones."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n_pairs):
         prompt = _words(rng, rng.randint(2, 6))
         chosen, rejected = _words(rng, rng.randint(1, 6)), _words(rng, rng.randint(1, 6))
+        if echo:
+            chosen = " ".join([chosen.split()[0]] * (len(chosen.split()) + 1))
         if conversational:
             row = {"prompt": [{"role": "user", "content": prompt}],
                    "chosen": [{"role": "assistant", "content": chosen}],

@@ -118,7 +118,8 @@ def run(out: str, name: str, expected: str) -> None:
         peft_config=peft.LoraConfig(**LORA) if use_peft else None)
     trainer.train()
     assert strategy(trainer) == expected, f"ran {strategy(trainer)}, not {expected}"
-    result = {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+    steps = [h for h in trainer.state.log_history if "loss" in h]
+    result = {"losses": [h["loss"] for h in steps], "first_step": steps[0],
               "sharding": sharding(trainer) if world > 1 else None,
               "adam": adam_settings(args)}
     if evaluate:

@@ -144,9 +144,10 @@ class TDPOTrainer(DPOTrainer):
 
     The reference is ``ref_model``, or, when training a PEFT adapter without one, the
     base model with its adapters disabled, as DPOTrainer does. Logged beside DPOTrainer's
-    names (rewards/*, logps/*): kl/chosen, kl/rejected and kl/margin (rejected - chosen),
-    the sequential KL(pi_ref || pi_theta) of each response. The rewards are TDPO's,
-    beta * (log-ratio + sequential KL), for every loss_type.
+    names (rewards/*, logps/*, entropy, logits/*, mean_token_accuracy): kl/chosen,
+    kl/rejected and kl/margin (rejected - chosen), the sequential KL(pi_ref || pi_theta) of
+    each response. The rewards are TDPO's, beta * (log-ratio + sequential KL), for every
+    loss_type.
     """
 
     _tag_names = ["trl", "tdpo", "tdpo-ext"]
@@ -236,7 +237,7 @@ class TDPOTrainer(DPOTrainer):
                 hidden[:, -seq_len:], weight, ref_hidden[:, -seq_len:], ref_weight, labels,
                 policy_bias=bias, ref_bias=ref_bias,
                 average_log_prob=self.args.average_log_prob, logit_scale=self._logit_scale,
-                logit_softcap=self._logit_softcap)
+                logit_softcap=self._logit_softcap, policy_metrics=True)
 
         return model(**model_kwargs, fused_head=policy_stats)
 
@@ -246,19 +247,21 @@ class TDPOTrainer(DPOTrainer):
             ref_logits = reference(**model_kwargs).logits[:, -seq_len:]
         logits = model(**model_kwargs).logits[:, -seq_len:]
         return sequence_stats(logits, ref_logits, labels,
-                              average_log_prob=self.args.average_log_prob)
+                              average_log_prob=self.args.average_log_prob, policy_metrics=True)
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        stats = (self._fused_stats if self.args.use_fused_linear else self._logits_stats)(
+        *stats, token_metrics = (
+            self._fused_stats if self.args.use_fused_linear else self._logits_stats)(
             model, model_kwargs, labels)
         out = pairwise_output(*stats, beta=self.beta, alpha=self.args.tdpo_alpha,
                               variant=self.variant)
         loss = out.loss * self.loss_weights[0]
         self._log_tdpo_metrics(mode, out, inputs)
+        self._log_policy_metrics(mode, token_metrics)
         if return_outputs:  # DPOTrainer's deprecated compute_metrics path wants logits
             with torch.no_grad():
                 return loss, model(**model_kwargs)
@@ -286,3 +289,25 @@ class TDPOTrainer(DPOTrainer):
             self._total_train_tokens += tokens // tensor_parallel_size(self)
         metrics["num_tokens"] = [self._total_train_tokens]
 
+    def _log_policy_metrics(self, mode, token_metrics) -> None:
+        """DPOTrainer's entropy, logits/chosen, logits/rejected and mean_token_accuracy, as
+        it defines and gathers them: each is a sum over completion tokens (the policy's
+        per-token entropy, its mean logit over the vocabulary, whether the label is its
+        first argmax) divided by their number, both summed over every process (a token
+        weighs the same whichever process holds it); 0 when there are none. entropy is
+        over all rows, logits/* over the chosen or rejected half, mean_token_accuracy over
+        the chosen half."""
+        entropy, logit_mean, label_is_argmax, mask = token_metrics
+        chosen, rejected = slice(None, len(mask) // 2), slice(len(mask) // 2, None)
+        # Masked tokens hold 0 / False, so plain sums are sums over completion tokens.
+        totals = {"entropy": (entropy.sum(), mask.sum()),
+                  "logits/chosen": (logit_mean[chosen].sum(), mask[chosen].sum()),
+                  "logits/rejected": (logit_mean[rejected].sum(), mask[rejected].sum()),
+                  "mean_token_accuracy": (label_is_argmax[chosen].sum(), mask[chosen].sum())}
+        # One row per process, so that one collective carries them all and, at the end of
+        # an uneven evaluation, gather_for_metrics keeps the processes that DPOTrainer's
+        # per-scalar gathers keep. float32 holds token counts exactly up to 2**24.
+        local = torch.stack([value.float() for pair in totals.values() for value in pair])
+        summed = self.accelerator.gather_for_metrics(local[None]).sum(0).tolist()
+        for (name, _), total, count in zip(totals.items(), summed[::2], summed[1::2]):
+            self._metrics[mode][name].append(total / count if count > 0 else 0.0)
