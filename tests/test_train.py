@@ -48,7 +48,7 @@ def test_cli_embedded_pipeline_writes_all_outputs(embedded_run):
                  "pairs_train.jsonl", "pairs_eval.jsonl", "sft/final/model.pt"):
         assert (out / name).exists(), name
     if importlib.util.find_spec("matplotlib"):
-        for name in ("loss.png", "rewards.png", "kl.png"):
+        for name in ("loss.png", "rewards.png", "kl.png", "entropy.png"):
             assert (out / name).stat().st_size > 1000, name
     saved = json.loads((out / "config.json").read_text())
     assert saved["loss"] == "tdpo2" and saved["steps"] == 4 and saved["beta"] == 0.1
@@ -61,6 +61,18 @@ def test_cli_embedded_pipeline_writes_all_outputs(embedded_run):
                 "logps_train/rejected"):
         assert key in rows[1], key
     assert "rewards_eval/margins" in rows[2] and "kl_eval/rejected" in rows[4]
+    # The policy's entropy on pairs (every step, and SFT's) and on samples (each eval),
+    # and the samples' distinct n-grams: within their ranges
+    log_vocab = math.log(len(M.builtin_tokenizer()))
+    entropies = [(r["step"], k, r[k]) for r in rows + read_metrics(out / "sft")
+                 for k in r if k.startswith(("entropy_", "sample_entropy/"))]
+    assert {k for _, k, _ in entropies} == {"sample_entropy/eval", "entropy_train/chosen",
+                                            "entropy_train/rejected", "entropy_eval/chosen",
+                                            "entropy_eval/rejected"}
+    assert all(0 < h < log_vocab for _, _, h in entropies), entropies
+    for r in rows[::2]:  # the evaluations
+        assert 0 < r["distinct_2/eval"] <= 1 and 0 < r["distinct_1/eval"] <= 1, r
+    assert len(read_metrics(out, "eval_examples.jsonl")[0]["sample_entropy/eval"]) == 8
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["task_reward"]) == {"before", "after"}
     assert summary["sample_kl"]["before"] == pytest.approx(0.0, abs=1e-4)
