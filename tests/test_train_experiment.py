@@ -171,6 +171,19 @@ def test_equal_sample_entropy_is_level_however_many_evaluations():
         np.testing.assert_allclose(st.diversity[0, cols], truth, atol=READ_TOL)
 
 
+def test_a_level_is_reached_by_the_path_on_all_prompts_not_by_a_half():
+    """A reward that stalls at 0.45, 0.55 on the even prompts and 0.35 on the odd ones (as
+    a half's noise can carry it): the path on all prompts never reaches 0.5, so there is no
+    reading there, though the even half's path crosses 0.5 on its way to 0.55."""
+    tr = paths(lambda kl: np.minimum(RISE(kl), 0.45), 100, 0.0, np.random.default_rng(0),
+               n_prompts=128)
+    tr.reward[:, :, 0::2] += 0.1
+    tr.reward[:, :, 1::2] -= 0.1
+    st = S.method_stats({0.1: tr}, S.draw(4, 128, 5, draws=20), S.grid_to(4.0), LEVELS)
+    at = [int(np.argmin(np.abs(LEVELS - r))) for r in (0.4, 0.5)]
+    assert not np.isnan(st.diversity[0, at[0]]) and np.isnan(st.diversity[:, at[1]]).all()
+
+
 def test_distinct_n_is_read_at_the_most_entropy_reading():
     """Noise-free: the most entropy at reward >= 0.4 is where the path reaches 0.4 (2 nats of
     KL, half way), where the made-up distinct-n (0.2 falling to 0.1) is 0.15."""

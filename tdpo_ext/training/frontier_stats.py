@@ -173,22 +173,24 @@ def best_within_crossfit(pick: list[np.ndarray], score: list[np.ndarray]) -> np.
 def best_crossfit(paths: list[tuple[np.ndarray, np.ndarray]], d: Draws,
                   grid: np.ndarray) -> np.ndarray:
     """(R, G) best_within_crossfit over paths, one per beta, each (value, along): per-prompt
-    arrays (T, S, P). Each half of the eval prompts picks for the other, and the two
-    scores are averaged. The other half's value is read where the picking half's path
-    crosses the grid value (the same evaluations, the same fraction between them), not
-    at its own crossings: on a path that hovers around a grid value (a plateau, noisy
-    evaluations) the largest of its own many crossings would be biased upwards again."""
+    arrays (T, S, P). Where a path crosses a grid value is read on all eval prompts: the
+    path the report shows, the least noisy, so that a path stalled short of a grid value
+    reaches it by chance as rarely as can be. Among those crossings and grid values, each
+    half of the eval prompts picks by its values for the other, which is read at the
+    picked crossing (the same evaluations, the same fraction between them), not at its own
+    best crossing: on a path that hovers around a grid value (a plateau) the largest of
+    its many crossings would be biased upwards again. The two halves' scores are
+    averaged."""
     even = np.arange(d.prompts.shape[2]) % 2 == 0
     picks = {True: [], False: []}   # per half of the eval prompts: its readings, per path
     scores = {True: [], False: []}  # the other half's values at those readings
     for value, along in paths:
-        means = {half: (seed_means(value, d.prompts * (even == half), d.seeds),
-                        seed_means(along, d.prompts * (even == half), d.seeds))
-                 for half in (True, False)}
-        for half in (True, False):
-            at = crossing(*means[half], grid)
-            picks[half].append(at.read(means[half][0]))
-            scores[half].append(at.read(means[not half][0]))
+        x = seed_means(along, d.prompts, d.seeds)
+        half = {h: seed_means(value, d.prompts * (even == h), d.seeds) for h in (True, False)}
+        for h in (True, False):
+            at = crossing(half[h], x, grid)
+            picks[h].append(at.read(half[h]))
+            scores[h].append(at.read(half[not h]))
     return np.nanmean(np.stack([best_within_crossfit(picks[h], scores[h])
                                 for h in (True, False)]), axis=0)
 
