@@ -27,9 +27,10 @@ except ImportError as error:
     raise _extension_error(error) from error
 
 from .fused_linear import fused_linear_sequence_stats, fused_linear_tdpo_loss  # noqa: E402
-from .ops import (TDPOOutput, built_with_cuda, preference_loss, sequence_stats,  # noqa: E402
-                  shift_labels, tdpo_loss)
+from .ops import (PolicyTokenMetrics, TDPOOutput, built_with_cuda,  # noqa: E402
+                  preference_loss, sequence_stats, shift_labels, tdpo_loss)
 
-__all__ = ["TDPOOutput", "built_with_cuda", "fused_linear_sequence_stats", "fused_linear_tdpo_loss",
-           "preference_loss", "sequence_stats", "shift_labels", "tdpo_loss"]
+__all__ = ["PolicyTokenMetrics", "TDPOOutput", "built_with_cuda", "fused_linear_sequence_stats",
+           "fused_linear_tdpo_loss", "preference_loss", "sequence_stats", "shift_labels",
+           "tdpo_loss"]
 __version__ = "0.1.0"

@@ -20,7 +20,7 @@ is read once per block, and every matmul has the block's length.
 
 Masked tokens (prompt, padding) are gathered out first, so they cost neither memory nor
 matmul work. The row reduction and the pairwise loss are those of tdpo_loss
-(``reduce_token_stats`` and ``pairwise_output`` in ops.py).
+(``sequence_result`` and ``pairwise_output`` in ops.py).
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ from torch import Tensor
 
 from . import _C
 from .lm_head import FLOAT_DTYPES
-from .ops import (TDPOOutput, _check_hyper, _check_labels, pairwise_output, reduce_token_stats,
-                  shift_labels)
+from .ops import (TDPOOutput, _check_hyper, _check_labels, _empty_token_stats, pairwise_output,
+                  sequence_result, shift_labels)
 
 __all__ = ["fused_linear_sequence_stats", "fused_linear_tdpo_loss", "auto_chunk_size",
            "CHUNK_BUDGET_BYTES"]
@@ -178,19 +178,21 @@ def _fused_linear_token_stats(policy_hidden: Tensor, policy_weight: Tensor,
                               policy_bias: Optional[Tensor], ref_hidden: Tensor,
                               ref_weight: Tensor, ref_bias: Optional[Tensor], targets: Tensor,
                               ignore_index: int, chunk_size: int, logit_scale: float,
-                              logit_softcap: float
-                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per-token (logp_pol, logp_ref, token_kl, lse_pol, lse_ref), each float32 shaped
-    like targets (N, T) (already shifted), 0 where masked: token_stats of the logits
-    softcap(scale * (hidden @ weight.T + bias)) of each model (_logits_tile), computed
-    block by block and tile by tile."""
+                              logit_softcap: float, policy_metrics: bool = False
+                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                         Tensor]:
+    """The eight outputs of token_stats (logp_pol, logp_ref, token_kl, lse_pol, lse_ref,
+    and the policy metrics entropy, logit_mean, label_is_argmax: (N, T) with
+    policy_metrics, empty without), shaped like targets (N, T) (already shifted), 0 where
+    masked: token_stats of the logits softcap(scale * (hidden @ weight.T + bias)) of each
+    model (_logits_tile), computed block by block and tile by tile."""
     seq_len = targets.shape[-1]
     tgt = targets.reshape(-1)
     hp = policy_hidden.reshape(-1, policy_hidden.shape[-1])
     hr = ref_hidden.reshape(-1, ref_hidden.shape[-1])
-    outs = [torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
-            for _ in range(5)]
-    flat_outs = [o.view(-1) for o in outs]
+    outs = [o.zero_() for o in _empty_token_stats(targets, targets, policy_metrics)]
+    # Every output that has a value per token is filled block by block.
+    filled = [o.view(-1) for o in outs if o.shape == targets.shape]
     idx = (tgt != ignore_index).nonzero().squeeze(1)
     if idx.numel() == 0:
         return tuple(outs)
@@ -213,9 +215,9 @@ def _fused_linear_token_stats(policy_hidden: Tensor, policy_weight: Tensor,
                                  logit_scale, logit_softcap),
                     _logits_tile(ref_buf, h_ref, ref_weight, ref_bias, v0, v1,
                                  logit_scale, logit_softcap),
-                    y, ignore_index, v0, state)
+                    y, ignore_index, v0, state, policy_metrics)
             stats = torch.ops.tdpo_ext.token_stats_finish(state, y, ignore_index)
-            for out, stat in zip(flat_outs, stats):
+            for out, stat in zip(filled, stats):
                 out.index_copy_(0, i, stat[0])
     return tuple(outs)
 
@@ -223,8 +225,8 @@ def _fused_linear_token_stats(policy_hidden: Tensor, policy_weight: Tensor,
 @_fused_linear_token_stats.register_fake
 def _fused_linear_token_stats_fake(policy_hidden, policy_weight, policy_bias, ref_hidden,
                                    ref_weight, ref_bias, targets, ignore_index, chunk_size,
-                                   logit_scale, logit_softcap):
-    return tuple(targets.new_empty(targets.shape, dtype=torch.float32) for _ in range(5))
+                                   logit_scale, logit_softcap, policy_metrics=False):
+    return _empty_token_stats(targets, targets, policy_metrics)
 
 
 @torch.library.custom_op("tdpo_ext::fused_linear_token_stats_backward", mutates_args=())
@@ -336,19 +338,20 @@ def _fused_linear_token_stats_backward_fake(grad_logp_pol, grad_token_kl, policy
 
 def _fused_setup_context(ctx, inputs, output):
     (policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, targets,
-     ignore_index, chunk_size, logit_scale, logit_softcap) = inputs
-    *_, lse_pol, lse_ref = output
+     ignore_index, chunk_size, logit_scale, logit_softcap, _) = inputs
+    lse_pol, lse_ref = output[3], output[4]
     ctx.save_for_backward(policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight,
                           ref_bias, targets, lse_pol, lse_ref)
     ctx.settings = (ignore_index, chunk_size, logit_scale, logit_softcap)
-    ctx.mark_non_differentiable(output[1], lse_pol, lse_ref)
+    # logp_ref, the logsumexps and the policy metrics carry no gradient.
+    ctx.mark_non_differentiable(output[1], lse_pol, lse_ref, *output[5:])
 
 
 def _fused_backward(ctx, grad_logp_pol, grad_logp_ref, grad_token_kl, grad_lse_pol,
-                    grad_lse_ref):
+                    grad_lse_ref, grad_entropy, grad_logit_mean, grad_label_is_argmax):
     # Only logp_pol and token_kl depend on the policy; nothing flows into the reference.
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-    nothing = (None,) * 11
+    nothing = (None,) * 12
     if (grad_logp_pol is None and grad_token_kl is None) or not (
             need_hidden or need_weight or need_bias):
         return nothing
@@ -409,7 +412,8 @@ def fused_linear_sequence_stats(policy_hidden: Tensor, policy_weight: Tensor,
                                 ref_bias: Optional[Tensor] = None, ignore_index: int = -100,
                                 average_log_prob: bool = False,
                                 chunk_size: Optional[int] = None, logit_scale: float = 1.0,
-                                logit_softcap: Optional[float] = None):
+                                logit_softcap: Optional[float] = None,
+                                policy_metrics: bool = False):
     """sequence_stats of the logits ``softcap(logit_scale * (hidden @ weight.T + bias))``
     of each model, computed a block of tokens by a tile of vocabulary columns at a time,
     so that neither (N, T, V) logits tensor ever exists.
@@ -433,11 +437,13 @@ def fused_linear_sequence_stats(policy_hidden: Tensor, policy_weight: Tensor,
             1 / logits_scaling, ...), then, if logit_softcap is set, c * tanh(z / c)
             (Gemma 2's final_logit_softcapping); lm_head.logit_transform_of reads them
             from a transformers model.
+        policy_metrics: as for sequence_stats (the metrics of the transformed logits).
 
     Returns:
         (logps_margin, seq_kl, policy_logps), float32 (N,) each, equal to sequence_stats
-        on the materialized logits up to float32 rounding. Differentiable w.r.t.
-        policy_hidden, policy_weight and policy_bias; nothing flows into the reference.
+        on the materialized logits up to float32 rounding, and with policy_metrics the
+        PolicyTokenMetrics as a fourth element. Differentiable w.r.t. policy_hidden,
+        policy_weight and policy_bias; nothing flows into the reference.
     """
     _check_labels(labels)
     _check_model_inputs("policy", policy_hidden, policy_weight, policy_bias, labels)
@@ -459,12 +465,11 @@ def fused_linear_sequence_stats(policy_hidden: Tensor, policy_weight: Tensor,
         raise ValueError(f"tdpo_ext: logit_softcap must be None or > 0, got {logit_softcap}")
 
     targets = shift_labels(labels, ignore_index)
-    logp_pol, logp_ref, token_kl, _, _ = torch.ops.tdpo_ext.fused_linear_token_stats(
+    stats = torch.ops.tdpo_ext.fused_linear_token_stats(
         policy_hidden, policy_weight, policy_bias, ref_hidden.detach(), ref_weight.detach(),
         None if ref_bias is None else ref_bias.detach(), targets, ignore_index, chunk_size,
-        float(logit_scale), float(logit_softcap or 0.0))
-    return reduce_token_stats(logp_pol, logp_ref, token_kl, targets, ignore_index,
-                              average_log_prob)
+        float(logit_scale), float(logit_softcap or 0.0), bool(policy_metrics))
+    return sequence_result(stats, targets, ignore_index, average_log_prob, policy_metrics)
 
 
 def fused_linear_tdpo_loss(policy_hidden: Tensor, policy_weight: Tensor, ref_hidden: Tensor,
@@ -473,15 +478,16 @@ def fused_linear_tdpo_loss(policy_hidden: Tensor, policy_weight: Tensor, ref_hid
                            ref_bias: Optional[Tensor] = None, beta: float = 0.1,
                            alpha: float = 0.5, variant: str = "tdpo2", ignore_index: int = -100,
                            average_log_prob: bool = False, chunk_size: Optional[int] = None,
-                           logit_scale: float = 1.0,
-                           logit_softcap: Optional[float] = None) -> TDPOOutput:
+                           logit_scale: float = 1.0, logit_softcap: Optional[float] = None,
+                           policy_metrics: bool = False) -> TDPOOutput:
     """tdpo_loss of the logits ``softcap(logit_scale * (hidden @ weight.T + bias))`` of
     each model, without ever materializing them: labels as for tdpo_loss (N = 2B rows,
     chosen first, then rejected), beta, alpha and variant as there, everything else as
     for fused_linear_sequence_stats.
 
     Returns:
-        TDPOOutput, equal to tdpo_loss on the materialized logits up to float32 rounding.
+        TDPOOutput, equal to tdpo_loss on the materialized logits up to float32 rounding
+        (with policy_metrics, its policy_metrics field set, as tdpo_loss's).
     """
     _check_hyper(beta, variant)
     _check_labels(labels)
@@ -491,5 +497,6 @@ def fused_linear_tdpo_loss(policy_hidden: Tensor, policy_weight: Tensor, ref_hid
     stats = fused_linear_sequence_stats(
         policy_hidden, policy_weight, ref_hidden, ref_weight, labels, policy_bias=policy_bias,
         ref_bias=ref_bias, ignore_index=ignore_index, average_log_prob=average_log_prob,
-        chunk_size=chunk_size, logit_scale=logit_scale, logit_softcap=logit_softcap)
+        chunk_size=chunk_size, logit_scale=logit_scale, logit_softcap=logit_softcap,
+        policy_metrics=policy_metrics)
     return pairwise_output(*stats, beta=beta, alpha=alpha, variant=variant)

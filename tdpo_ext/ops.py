@@ -7,7 +7,7 @@ the B chosen responses first, then the B rejected ones.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -29,10 +29,21 @@ def _check_one_device(**tensors):
         raise RuntimeError(f"tdpo_ext: inputs must be on one device, got {listed}")
 
 
+def _empty_token_stats(like, targets, policy_metrics: bool):
+    """The eight outputs of token_stats and token_stats_finish, as empty_token_stats
+    (csrc/checks.cpp) allocates them on the device of `like`: five (N, T) float32, then
+    entropy, logit_mean (float32) and label_is_argmax (bool), (N, T) with policy_metrics
+    and (0,) without."""
+    stats = [like.new_empty(targets.shape, dtype=torch.float32) for _ in range(5)]
+    metrics_shape = targets.shape if policy_metrics else (0,)
+    return (*stats, *(like.new_empty(metrics_shape, dtype=dtype)
+                      for dtype in (torch.float32, torch.float32, torch.bool)))
+
+
 @torch.library.register_fake("tdpo_ext::token_stats")
-def _token_stats_fake(policy_logits, ref_logits, targets, ignore_index):
+def _token_stats_fake(policy_logits, ref_logits, targets, ignore_index, policy_metrics=False):
     _check_one_device(policy_logits=policy_logits, ref_logits=ref_logits, labels=targets)
-    return tuple(policy_logits.new_empty(targets.shape, dtype=torch.float32) for _ in range(5))
+    return _empty_token_stats(policy_logits, targets, policy_metrics)
 
 
 @torch.library.register_fake("tdpo_ext::token_stats_backward")
@@ -47,34 +58,39 @@ def _token_stats_backward_fake(grad_logp_pol, grad_token_kl, policy_logits, ref_
 # tiles of vocabulary columns (used inside the fused LM-head ops, fused_linear.py; no
 # autograd: the fused ops have their own backward).
 TILE_STATE_FLOATS = _C.TILE_STATE_FLOATS  # kTileStateFloats in csrc/tdpo_math.h
+# kTileStateWithMetricsFloats: the state with each token's PolicyMetricsState after it.
+TILE_STATE_WITH_METRICS_FLOATS = _C.TILE_STATE_WITH_METRICS_FLOATS
 
 
 @torch.library.register_fake("tdpo_ext::token_stats_tile")
 def _token_stats_tile_fake(policy_logits, ref_logits, targets, ignore_index, vocab_start,
-                           state):
+                           state, policy_metrics=False):
     _check_one_device(policy_logits=policy_logits, ref_logits=ref_logits, labels=targets)
-    return policy_logits.new_empty((*targets.shape, TILE_STATE_FLOATS), dtype=torch.float32)
+    floats = TILE_STATE_WITH_METRICS_FLOATS if policy_metrics else TILE_STATE_FLOATS
+    return policy_logits.new_empty((*targets.shape, floats), dtype=torch.float32)
 
 
 @torch.library.register_fake("tdpo_ext::token_stats_finish")
 def _token_stats_finish_fake(state, targets, ignore_index):
     _check_one_device(state=state, labels=targets)
-    return tuple(state.new_empty(targets.shape) for _ in range(5))
+    return _empty_token_stats(state, targets,
+                              state.shape[-1] == TILE_STATE_WITH_METRICS_FLOATS)
 
 
 def _token_stats_setup_context(ctx, inputs, output):
-    policy_logits, ref_logits, targets, ignore_index = inputs
-    *_, lse_pol, lse_ref = output
+    policy_logits, ref_logits, targets, ignore_index, *_ = inputs
+    lse_pol, lse_ref = output[3], output[4]
     ctx.save_for_backward(policy_logits, ref_logits, targets, lse_pol, lse_ref)
     ctx.ignore_index = ignore_index
-    ctx.mark_non_differentiable(output[1], lse_pol, lse_ref)
+    # logp_ref, the logsumexps and the policy metrics carry no gradient.
+    ctx.mark_non_differentiable(output[1], lse_pol, lse_ref, *output[5:])
 
 
 def _token_stats_backward(ctx, grad_logp_pol, grad_logp_ref, grad_token_kl, grad_lse_pol,
-                          grad_lse_ref):
+                          grad_lse_ref, grad_entropy, grad_logit_mean, grad_label_is_argmax):
     # Only logp_pol and token_kl depend on the policy; the reference gets no gradient.
     if grad_logp_pol is None and grad_token_kl is None:
-        return None, None, None, None
+        return None, None, None, None, None
     policy_logits, ref_logits, targets, lse_pol, lse_ref = ctx.saved_tensors
     if grad_logp_pol is None:
         grad_logp_pol = torch.zeros_like(lse_pol)
@@ -83,7 +99,7 @@ def _token_stats_backward(ctx, grad_logp_pol, grad_logp_ref, grad_token_kl, grad
     grad = torch.ops.tdpo_ext.token_stats_backward(
         grad_logp_pol, grad_token_kl, policy_logits, ref_logits, targets, lse_pol, lse_ref,
         ctx.ignore_index)
-    return grad, None, None, None
+    return grad, None, None, None, None
 
 
 torch.library.register_autograd("tdpo_ext::token_stats", _token_stats_backward,
@@ -192,8 +208,27 @@ def reduce_token_stats(logp_pol, logp_ref, token_kl, targets, ignore_index: int,
     return logps_margin, seq_kl, policy_logps
 
 
+class PolicyTokenMetrics(NamedTuple):
+    """The policy's per-token metrics, (N, T) each, aligned with the shifted targets
+    (position t: the token that logits[:, t] predict); 0 / False where masked. Those of
+    TRL's DPOTrainer (entropy, logits/chosen and /rejected, mean_token_accuracy),
+    computed in the pass that computes the token statistics; detached."""
+    entropy: torch.Tensor          # float32, nats: H(pi_theta(.|prefix))
+    logit_mean: torch.Tensor       # float32: mean policy logit over the vocabulary
+    label_is_argmax: torch.Tensor  # bool: the label is torch.argmax of the policy logits
+    mask: torch.Tensor             # bool: targets != ignore_index
+
+
+def policy_token_metrics(stats, targets, ignore_index: int) -> PolicyTokenMetrics:
+    """PolicyTokenMetrics from the eight outputs of a token-stats op run with
+    policy_metrics=True."""
+    entropy, logit_mean, label_is_argmax = stats[5:]
+    return PolicyTokenMetrics(entropy, logit_mean, label_is_argmax, targets != ignore_index)
+
+
 def sequence_stats(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
-                   *, ignore_index: int = -100, average_log_prob: bool = False):
+                   *, ignore_index: int = -100, average_log_prob: bool = False,
+                   policy_metrics: bool = False):
     """Per-row TDPO statistics of a batch.
 
     Args:
@@ -203,17 +238,31 @@ def sequence_stats(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels
         labels: (N, T) int64; logits at t predict labels at t + 1; ``ignore_index`` masks.
         average_log_prob: divide each sum by its row's number of unmasked tokens (a row
             with none gives 0).
+        policy_metrics: also compute the policy's per-token entropy, mean logit and
+            whether the label is the argmax, in the same pass (off: not computed at all).
 
     Returns:
         (logps_margin, seq_kl, policy_logps), each float32 (N,):
         sum of log pi_theta(y) - log pi_ref(y), sum of KL(pi_ref || pi_theta) per
         position, and sum of log pi_theta(y). Differentiable w.r.t. policy_logits only.
+        With policy_metrics, a fourth element: the PolicyTokenMetrics.
     """
     targets = shift_labels(labels, ignore_index)
-    logp_pol, logp_ref, token_kl, _, _ = torch.ops.tdpo_ext.token_stats(
-        policy_logits, ref_logits, targets, ignore_index)
-    return reduce_token_stats(logp_pol, logp_ref, token_kl, targets, ignore_index,
+    stats = torch.ops.tdpo_ext.token_stats(policy_logits, ref_logits, targets, ignore_index,
+                                           policy_metrics)
+    return sequence_result(stats, targets, ignore_index, average_log_prob, policy_metrics)
+
+
+def sequence_result(stats, targets, ignore_index: int, average_log_prob: bool,
+                    policy_metrics: bool):
+    """What sequence_stats and fused_linear_sequence_stats return, from the eight outputs
+    of their token-stats op."""
+    logp_pol, logp_ref, token_kl = stats[:3]
+    sums = reduce_token_stats(logp_pol, logp_ref, token_kl, targets, ignore_index,
                               average_log_prob)
+    if not policy_metrics:
+        return sums
+    return (*sums, policy_token_metrics(stats, targets, ignore_index))
 
 
 def preference_loss(chosen_logps_margin: torch.Tensor, rejected_logps_margin: torch.Tensor,
@@ -245,27 +294,31 @@ class TDPOOutput(NamedTuple):
     rejected_kl: torch.Tensor       # (B,) same, rejected
     chosen_logps: torch.Tensor      # (B,) policy log-probability of the chosen response
     rejected_logps: torch.Tensor    # (B,) same, rejected
+    # (2B, T) per token, chosen rows first, when asked for (policy_metrics=True).
+    policy_metrics: Optional[PolicyTokenMetrics] = None
 
 
 def tdpo_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, *,
               beta: float = 0.1, alpha: float = 0.5, variant: str = "tdpo2",
-              ignore_index: int = -100, average_log_prob: bool = False) -> TDPOOutput:
+              ignore_index: int = -100, average_log_prob: bool = False,
+              policy_metrics: bool = False) -> TDPOOutput:
     """The TDPO loss of a concatenated batch: N = 2B rows, chosen rows first, then
-    rejected. Arguments as in sequence_stats and preference_loss."""
+    rejected. Arguments as in sequence_stats and preference_loss; with policy_metrics,
+    TDPOOutput.policy_metrics holds the PolicyTokenMetrics of all 2B rows."""
     _check_hyper(beta, variant)
     n_rows = policy_logits.shape[0]
     if n_rows % 2:
         raise ValueError("tdpo_ext: tdpo_loss needs an even number of rows (B chosen, then B "
                          f"rejected), got N={n_rows}")
-    logps_margin, seq_kl, policy_logps = sequence_stats(
-        policy_logits, ref_logits, labels, ignore_index=ignore_index,
-        average_log_prob=average_log_prob)
-    return pairwise_output(logps_margin, seq_kl, policy_logps, beta=beta, alpha=alpha,
-                           variant=variant)
+    stats = sequence_stats(policy_logits, ref_logits, labels, ignore_index=ignore_index,
+                           average_log_prob=average_log_prob, policy_metrics=policy_metrics)
+    return pairwise_output(*stats, beta=beta, alpha=alpha, variant=variant)
 
 
-def pairwise_output(logps_margin, seq_kl, policy_logps, *, beta, alpha, variant) -> TDPOOutput:
-    """TDPOOutput from the per-row statistics of a concatenated batch."""
+def pairwise_output(logps_margin, seq_kl, policy_logps, metrics=None, *, beta, alpha,
+                    variant) -> TDPOOutput:
+    """TDPOOutput from the per-row statistics of a concatenated batch (and its
+    PolicyTokenMetrics, if computed)."""
     chosen_margin, rejected_margin = logps_margin.chunk(2)
     chosen_kl, rejected_kl = seq_kl.chunk(2)
     chosen_logps, rejected_logps = policy_logps.detach().chunk(2)
@@ -273,4 +326,5 @@ def pairwise_output(logps_margin, seq_kl, policy_logps, *, beta, alpha, variant)
         chosen_margin, rejected_margin, chosen_kl, rejected_kl, beta=beta, alpha=alpha,
         variant=variant)
     return TDPOOutput(losses.mean(), losses, chosen_rewards, rejected_rewards,
-                      chosen_kl.detach(), rejected_kl.detach(), chosen_logps, rejected_logps)
+                      chosen_kl.detach(), rejected_kl.detach(), chosen_logps, rejected_logps,
+                      metrics)

@@ -20,7 +20,8 @@ from tdpo_ext import fused_linear_tdpo_loss, tdpo_loss
 from tdpo_ext.fused_linear import auto_chunk_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIELDS = tdpo_ext.TDPOOutput._fields
+# TDPOOutput's tensor fields (policy_metrics, a PolicyTokenMetrics, is None unless asked for).
+FIELDS = tuple(f for f in tdpo_ext.TDPOOutput._fields if f != "policy_metrics")
 
 
 def make_inputs(n, t, h_pol, h_ref, vocab, *, pol_dtype=torch.float32, ref_dtype=None,

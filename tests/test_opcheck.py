@@ -31,8 +31,7 @@ def test_token_stats_backward(device, columns):
     policy, ref, targets, ignore_index = token_stats_args(device, torch.bfloat16,
                                                           torch.float32, "slice_t")
     policy = policy.detach()
-    _, _, _, lse_pol, lse_ref = torch.ops.tdpo_ext.token_stats(policy, ref, targets,
-                                                               ignore_index)
+    lse_pol, lse_ref = torch.ops.tdpo_ext.token_stats(policy, ref, targets, ignore_index)[3:5]
     grad_logp, grad_kl = torch.randn(2, *targets.shape, device=device)
     args = (grad_logp, grad_kl, policy, ref, targets, lse_pol, lse_ref, ignore_index)
     if columns is not None:  # the tile [v0, v1) of every row, as the fused LM head passes

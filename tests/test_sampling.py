@@ -1,12 +1,20 @@
-"""--temperature reaches the sampler, on both of its paths (the built-in model's own loop,
-and a transformers model's generate): near 0 every sample is the most likely token; at a
-temperature T, a seeded sampler draws what multinomial(softmax(logits / T)) draws. One
-new token per prompt, so that the logits of a plain forward are the ones sampled from."""
+"""The sampler and the diversity of its samples, on both of its paths (the built-in
+model's own loop, and a transformers model's generate). --temperature reaches the sampler:
+near 0 every sample is the most likely token; at a temperature T, a seeded sampler draws
+what multinomial(softmax(logits / T)) draws (one new token per prompt, so that the logits
+of a plain forward are the ones sampled from). The evaluation's sample entropy is the
+policy's entropy over the sampled tokens; distinct-n counts n-grams within samples."""
+import math
+
 import pytest
 import torch
+from error_bounds import EPS32, ULPS
 from training_runs import save_tiny_llama
 
 from tdpo_ext.training import models as M
+from tdpo_ext.training import sampling
+from tdpo_ext.training.config import Config
+from tdpo_ext.training.tasks import get_task
 
 SEED = 3
 
@@ -69,3 +77,61 @@ def test_samples_at_a_temperature_are_drawn_from_softmax_of_logits_over_it(model
     assert torch.equal(got, expected), (got, expected)
     # ... which is not what the same draws give at temperature 1
     assert not torch.equal(expected, seeded_multinomial(model, logits.softmax(-1)))
+
+
+def test_distinct_n_counts_the_n_grams_within_each_sample():
+    samples = [[1, 2, 3, 1, 2], [1, 2]]
+    # unigrams 1 2 3 1 2 1 2: 3 distinct of 7; bigrams (1 2) (2 3) (3 1) (1 2) | (1 2):
+    # 3 distinct of 5 (the (2 1) across the two samples is not one)
+    assert sampling.distinct_n(samples, 1) == 3 / 7
+    assert sampling.distinct_n(samples, 2) == 3 / 5
+    assert sampling.distinct_n([[4, 4, 4, 4]], 2) == 1 / 3
+    assert sampling.distinct_n([[7], []], 2) == sampling.distinct_n([], 1) == 0.0
+
+
+def entropy_and_bound(logits):
+    """Each position's entropy, float64, from torch's Categorical, and how far the op's
+    float32 value may be from it: ULPS * EPS32 times the terms the op sums (tests/error_bounds.py's
+    rule), |lse - max| + sum p |x - max| in the row maximum's frame (csrc/tdpo_math.h),
+    plus |max| for rounding x - max."""
+    x = logits.double()
+    m = x.max(-1, keepdim=True).values
+    p = x.softmax(-1)
+    terms = ((x.logsumexp(-1, keepdim=True) - m).abs() + (p * (x - m).abs()).sum(-1, True)
+             + m.abs()).squeeze(-1)
+    return torch.distributions.Categorical(logits=x).entropy(), ULPS * EPS32 * terms
+
+
+def test_sample_entropy_is_the_policys_entropy_over_the_sampled_tokens(model, monkeypatch):
+    """sample_eval's per-sample entropy against torch's entropy of the logits it scored,
+    at the positions that predict each sampled token (found from the prompts and samples,
+    not from the labels sample_eval builds); each within the bound on its tokens' mean."""
+    model, tok = model
+    task = get_task("sentiment")
+    generated, scored = [], []
+
+    def generate(*args, **kwargs):
+        generated.append((args[2], real_generate(*args, **kwargs)))
+        return generated[-1][1]
+
+    def sequence_stats(policy_logits, *args, **kwargs):
+        scored.append(policy_logits.detach().clone())
+        return real_stats(policy_logits, *args, **kwargs)
+
+    real_generate, real_stats = M.generate, sampling.sequence_stats
+    monkeypatch.setattr(sampling.M, "generate", generate)
+    monkeypatch.setattr(sampling, "sequence_stats", sequence_stats)
+    s = sampling.sample_eval(model, model, tok, task, task.prompts("eval", 6),
+                             Config(max_new_tokens=8), seed=SEED)
+    monkeypatch.undo()
+    (prompt_ids, samples), = generated
+    rows = [row for logits in scored for row in logits]
+    assert len(rows) == len(samples) == len(s["sample_entropies"]) == 6
+    for row, prompt, sample, got in zip(rows, prompt_ids, samples, s["sample_entropies"]):
+        assert sample  # a sample has a token at least (EOS)
+        h, bound = entropy_and_bound(row[len(prompt) - 1:len(prompt) - 1 + len(sample)])
+        assert abs(got - h.mean().item()) <= bound.mean().item(), (got, h.mean())
+        assert 0 <= got <= math.log(row.shape[-1]) + bound.mean().item()
+    assert s["sample_entropy"] == pytest.approx(sum(s["sample_entropies"]) / 6, rel=1e-12)
+    assert s["distinct_1"] == sampling.distinct_n(samples, 1)
+    assert s["distinct_2"] == sampling.distinct_n(samples, 2)

@@ -48,7 +48,7 @@ def test_cli_embedded_pipeline_writes_all_outputs(embedded_run):
                  "pairs_train.jsonl", "pairs_eval.jsonl", "sft/final/model.pt"):
         assert (out / name).exists(), name
     if importlib.util.find_spec("matplotlib"):
-        for name in ("loss.png", "rewards.png", "kl.png"):
+        for name in ("loss.png", "rewards.png", "kl.png", "entropy.png"):
             assert (out / name).stat().st_size > 1000, name
     saved = json.loads((out / "config.json").read_text())
     assert saved["loss"] == "tdpo2" and saved["steps"] == 4 and saved["beta"] == 0.1
@@ -61,6 +61,18 @@ def test_cli_embedded_pipeline_writes_all_outputs(embedded_run):
                 "logps_train/rejected"):
         assert key in rows[1], key
     assert "rewards_eval/margins" in rows[2] and "kl_eval/rejected" in rows[4]
+    # The policy's entropy on pairs (every step, and SFT's) and on samples (each eval),
+    # and the samples' distinct n-grams: within their ranges
+    log_vocab = math.log(len(M.builtin_tokenizer()))
+    entropies = [(r["step"], k, r[k]) for r in rows + read_metrics(out / "sft")
+                 for k in r if k.startswith(("entropy_", "sample_entropy/"))]
+    assert {k for _, k, _ in entropies} == {"sample_entropy/eval", "entropy_train/chosen",
+                                            "entropy_train/rejected", "entropy_eval/chosen",
+                                            "entropy_eval/rejected"}
+    assert all(0 < h < log_vocab for _, _, h in entropies), entropies
+    for r in rows[::2]:  # the evaluations
+        assert 0 < r["distinct_2/eval"] <= 1 and 0 < r["distinct_1/eval"] <= 1, r
+    assert len(read_metrics(out, "eval_examples.jsonl")[0]["sample_entropy/eval"]) == 8
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["task_reward"]) == {"before", "after"}
     assert summary["sample_kl"]["before"] == pytest.approx(0.0, abs=1e-4)
@@ -210,6 +222,12 @@ def test_fused_linear_matches_materialized_logits(tmp_path, pairs, capsys, monke
         assert b["loss/train"] == pytest.approx(a["loss/train"], rel=1e-4, abs=1e-6)
         assert b["kl_train/rejected"] == pytest.approx(a["kl_train/rejected"], rel=1e-3,
                                                        abs=1e-6)
+        # The two paths' logits may differ by the rounding of 32-term float32 dot
+        # products, <= 32 EPS32 sum|h w| (sum|h w| < 1 here: hidden states of norm ~1,
+        # weights of std 0.02); H moves by at most sum p|log p + H| <= 2H ~ 10 times
+        # that: < 4e-5 nats of ~5, 1e-5 relative. (Measured on CPU: equal.)
+        assert b["entropy_train/chosen"] == pytest.approx(a["entropy_train/chosen"],
+                                                          rel=1e-4)
     saved = json.loads((runs["fused_linear"] / "config.json").read_text())
     assert saved["fused_linear"] is True
     assert len(heads_found) == 2  # policy and reference, for 3 steps and 2 evaluations

@@ -1,6 +1,6 @@
 """Training-loop pieces without a training run: JSONL loading, the reference code's
 tokenization and truncation, padding, the data order, fused vs reference loss in the loop,
-and the embedded task's VADER port."""
+the policy's entropy on pairs, and the embedded task's VADER port."""
 import json
 import random
 
@@ -140,10 +140,47 @@ def test_fused_and_reference_loss_impl_agree_in_the_loop(loss):
                          [p.grad.clone() for p in policy.parameters()])
     (lf, mf, gf), (lr, mr, gr) = results["fused"], results["reference"]
     torch.testing.assert_close(lf, lr, rtol=1e-5, atol=1e-6)
-    for k in mf:
+    # The reference code's pass computes no entropy; the fused ops' does (next test).
+    assert mf.keys() - mr.keys() == {"entropy_train/chosen", "entropy_train/rejected"}
+    for k in mr:
         torch.testing.assert_close(mf[k], mr[k], rtol=1e-4, atol=1e-5)
     for a, b in zip(gf, gr):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["tdpo2", "sft"])
+def test_pair_entropy_is_the_token_weighted_mean_over_response_tokens(loss):
+    """entropy_<split>/{chosen,rejected} after the Meter: the policy's entropy (torch's,
+    float64) summed over the response tokens of every chosen (rejected) row of two
+    micro-batches, over their number: responses of 1 to 4 tokens, so a mean over pairs
+    would differ. Bound: tests/test_sampling.py's per token, summed over tokens."""
+    from test_sampling import entropy_and_bound
+    tok = M.builtin_tokenizer()
+    policy, _ = M.load_model("tiny", seed=1)
+    rows = [("the movie", "was good .", "was bad ."), ("i would", "recommend it .", "not ."),
+            ("the acting was", "great .", "awful and dull ."), ("the plot", ".", "was weak .")]
+    items = [D.tokenize_pair(*r, tok, max_length=32, max_prompt_length=8) for r in rows]
+    cfg, ref = Config(loss=loss), M.frozen_copy(policy)
+    sides = ("chosen",) if loss == "sft" else ("chosen", "rejected")
+    meter, sums = losses.Meter(), {side: [0.0, 0.0, 0] for side in sides}
+    for part in (items[:1], items[1:]):
+        batch = D.collate(part, tok.pad_token_id, chosen_only=loss == "sft")
+        with torch.no_grad():
+            meter.add(losses.batch_loss(policy, ref, batch, cfg, "eval")[1])
+            logits = M.forward_logits(policy, batch["input_ids"], batch["attention_mask"])
+        h, bound = entropy_and_bound(logits[:, :-1])
+        response = batch["labels"][:, 1:] != D.IGNORE_INDEX
+        parts = len(sides)
+        for side, side_h, side_bound, side_mask in zip(sides, h.chunk(parts),
+                                                       bound.chunk(parts), response.chunk(parts)):
+            sums[side][0] += (side_h * side_mask).sum().item()
+            sums[side][1] += (side_bound * side_mask).sum().item()
+            sums[side][2] += side_mask.sum().item()
+    means = meter.means("eval")
+    assert {k for k in means if k.startswith("entropy_")} == {f"entropy_eval/{side}"
+                                                              for side in sums}
+    for side, (total, bound, tokens) in sums.items():
+        assert abs(means[f"entropy_eval/{side}"] - total / tokens) <= bound / tokens, side
 
 
 def test_tiny_gpt_cache_and_padding_match_a_plain_forward():

@@ -115,9 +115,11 @@ def test_stop_sample_kl_ends_training_after_the_evaluation_past_it(tmp_path):
     examples = [json.loads(line) for line in open(tmp_path / "eval_examples.jsonl")]
     assert [r["step"] for r in examples] == [0, 2]
     for ex, row in zip(examples, (rows[0], rows[2])):
-        assert len(ex["task_reward/eval"]) == len(ex["sample_kl/eval"]) == 6
+        assert len(ex["task_reward/eval"]) == len(ex["sample_kl/eval"]) == \
+            len(ex["sample_entropy/eval"]) == 6
         assert len(ex["kl_eval/chosen"]) == len(ex["kl_eval/rejected"]) == 5
-        for k in ("task_reward/eval", "sample_kl/eval", "kl_eval/chosen", "kl_eval/rejected"):
+        for k in ("task_reward/eval", "sample_kl/eval", "sample_entropy/eval",
+                  "kl_eval/chosen", "kl_eval/rejected"):
             assert sum(ex[k]) / len(ex[k]) == pytest.approx(row[k], rel=1e-6, abs=1e-9), k
     assert torch.load(tmp_path / checkpoint.FILE, weights_only=True)["step"] == 2
     again = stage()

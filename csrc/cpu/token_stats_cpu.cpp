@@ -51,7 +51,6 @@ const KernelSet& kernels() {
 TokenStatsOutputs token_stats_cpu(const at::Tensor& policy_logits_in,
                                     const at::Tensor& ref_logits_in, const at::Tensor& targets,
                                     int64_t ignore_index, bool policy_metrics) {
-  TORCH_CHECK(!policy_metrics, "tdpo_ext: policy_metrics: not yet built");  // contract stage
   check_token_stats_inputs(policy_logits_in, ref_logits_in, targets);
   const at::Tensor policy_logits = with_unit_vocab_stride(policy_logits_in);
   const at::Tensor ref_logits = with_unit_vocab_stride(ref_logits_in);
@@ -65,13 +64,12 @@ at::Tensor token_stats_tile_cpu(const at::Tensor& policy_logits, const at::Tenso
                                 const at::Tensor& targets, int64_t ignore_index,
                                 int64_t vocab_start, const std::optional<at::Tensor>& state,
                                 bool policy_metrics) {
-  TORCH_CHECK(!policy_metrics, "tdpo_ext: policy_metrics: not yet built");  // contract stage
   const TokenStatsTileInputs in =
       prepare_token_stats_tile_inputs(policy_logits, ref_logits, targets, vocab_start, state,
                                       policy_metrics);
   at::Tensor state_out = in.empty_state(targets);
   kernels().tile(in.policy_logits, in.ref_logits, targets, ignore_index, vocab_start,
-                 in.state_in_data(), state_out.data_ptr<float>());
+                 policy_metrics, in.state_in_data(), state_out.data_ptr<float>());
   return state_out;
 }
 
@@ -79,18 +77,24 @@ TokenStatsOutputs token_stats_finish_cpu(
     const at::Tensor& state_in, const at::Tensor& targets, int64_t ignore_index) {
   const at::Tensor state = check_tile_state(state_in, targets);
   const bool policy_metrics = tile_state_has_metrics(state);
-  TORCH_CHECK(!policy_metrics, "tdpo_ext: policy_metrics: not yet built");  // contract stage
   const auto outputs = empty_token_stats(state, targets, policy_metrics);
   const TokenStatsOut out = token_stats_out(outputs, policy_metrics);
   const float* states = state.data_ptr<float>();
   const int64_t* tgt = targets.data_ptr<int64_t>();
   const int64_t T = targets.size(1);
+  const int64_t floats = state.size(2);
   at::parallel_for(0, targets.numel(), 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       if (tgt[(i / T) * targets.stride(0) + (i % T) * targets.stride(1)] == ignore_index) {
         out.write_masked(i);
-      } else {
-        out.write(i, finish_tile_state(load_tile_state(states + i * kTileStateFloats)));
+        continue;
+      }
+      const float* p = states + i * floats;
+      const TokenTileState s = load_tile_state(p);
+      out.write(i, finish_tile_state(s));
+      if (policy_metrics) {
+        out.write_metrics(i, finish_policy_metrics(s.softmax, load_metrics_state(p),
+                                                   s.pol_label_logit));
       }
     }
   });

@@ -66,50 +66,104 @@ inline float hmax(const Vec& v) {
                                         v);
 }
 
+// A part of a row (a chunk, a tile): its softmax state and, when the policy metrics are
+// computed, its PolicyMetricsState (otherwise empty_metrics_state(), never read).
+struct PartState {
+  SoftmaxPairState softmax;
+  PolicyMetricsState metrics;
+};
+
+// Folds the maxima of x and r over columns [begin, end) into max_x and max_r.
 template <typename P, typename R>
-SoftmaxPairState chunk_state(const P* x, const R* r, int64_t len) {
-  const int64_t vec_end = len - len % kLanes;
-  Vec vmax_x(-INFINITY), vmax_r(-INFINITY);
-  for (int64_t v = 0; v < vec_end; v += kLanes) {
+inline void fold_max(const P* x, const R* r, int64_t begin, int64_t end, float& max_x,
+                     float& max_r) {
+  const int64_t vec_end = end - (end - begin) % kLanes;
+  Vec vmax_x(max_x), vmax_r(max_r);
+  for (int64_t v = begin; v < vec_end; v += kLanes) {
     vmax_x = at::vec::maximum(vmax_x, load_as_float(x + v));
     vmax_r = at::vec::maximum(vmax_r, load_as_float(r + v));
   }
-  float max_x = hmax(vmax_x), max_r = hmax(vmax_r);
-  for (int64_t v = vec_end; v < len; ++v) {
+  max_x = hmax(vmax_x);
+  max_r = hmax(vmax_r);
+  for (int64_t v = vec_end; v < end; ++v) {
     max_x = std::max(max_x, static_cast<float>(x[v]));
     max_r = std::max(max_r, static_cast<float>(r[v]));
   }
+}
 
+// The state of a chunk of len columns whose label sits at column label_col counted from
+// the chunk's first (anywhere, even outside the chunk). With kMetrics the max pass stops
+// at the label's column to take max_before_label on the way (no extra loads), and the exp
+// pass also sums the centered terms and the logits; without, it is the plain two passes.
+template <bool kMetrics, typename P, typename R>
+PartState chunk_state(const P* x, const R* r, int64_t len, int64_t label_col) {
+  float max_x = -INFINITY, max_r = -INFINITY;
+  PolicyMetricsState m = empty_metrics_state();
+  if constexpr (kMetrics) {
+    const int64_t before_label = std::clamp<int64_t>(label_col, 0, len);
+    fold_max(x, r, 0, before_label, max_x, max_r);
+    m.max_before_label = max_x;
+    fold_max(x, r, before_label, len, max_x, max_r);
+  } else {
+    fold_max(x, r, 0, len, max_x, max_r);
+  }
+
+  const int64_t vec_end = len - len % kLanes;
   const float shift_x = exp_shift(max_x), shift_r = exp_shift(max_r);
   const float gap = frame_gap(max_x, max_r);
   const Vec vshift_x(shift_x), vshift_r(shift_r), vgap(gap), zero(0.f);
-  Vec sum_x(0.f), sum_r(0.f), diff_sum(0.f);
+  const Vec lowest(std::numeric_limits<float>::lowest());
+  Vec sum_x(0.f), sum_r(0.f), diff_sum(0.f), centered_sum(0.f), logit_sum(0.f);
   for (int64_t v = 0; v < vec_end; v += kLanes) {
     const Vec xv = load_as_float(x + v);
     const Vec rv = load_as_float(r + v);
-    sum_x += (xv - vshift_x).exp_u20();
+    const Vec cx = xv - vshift_x;
+    const Vec ex = cx.exp_u20();
+    sum_x += ex;
+    if constexpr (kMetrics) {
+      // centered_term, lane-wise: where x is -inf, ex is 0 and cx -inf, and 0 * lowest
+      // is 0 where 0 * -inf would be NaN; a finite cx is unchanged.
+      centered_sum += ex * at::vec::maximum(cx, lowest);
+      logit_sum += xv;
+    }
     const Vec er = (rv - vshift_r).exp_u20();
     sum_r += er;
     // ref_diff_term, lane-wise: an underflowed reference probability contributes 0.
     diff_sum += Vec::blendv(er * ((rv - xv) - vgap), zero, er == zero);
   }
-  SoftmaxPairState s{max_x, hsum(sum_x), max_r, hsum(sum_r), hsum(diff_sum)};
+  PartState s{{max_x, hsum(sum_x), max_r, hsum(sum_r), hsum(diff_sum)}, m};
+  if constexpr (kMetrics) {
+    s.metrics.centered_sum = hsum(centered_sum);
+    s.metrics.logit_sum = hsum(logit_sum);
+    s.metrics.columns = static_cast<float>(len);
+  }
   for (int64_t v = vec_end; v < len; ++v) {
     const float xv = static_cast<float>(x[v]), rv = static_cast<float>(r[v]);
     const float er = std::exp(rv - shift_r);
-    s.sum_pol += std::exp(xv - shift_x);
-    s.sum_ref += er;
-    s.ref_diff_sum += ref_diff_term(er, rv, xv, gap);
+    const float ex = std::exp(xv - shift_x);
+    s.softmax.sum_pol += ex;
+    s.softmax.sum_ref += er;
+    s.softmax.ref_diff_sum += ref_diff_term(er, rv, xv, gap);
+    if constexpr (kMetrics) {
+      s.metrics.centered_sum += centered_term(ex, xv - shift_x);
+      s.metrics.logit_sum += xv;
+    }
   }
   return s;
 }
 
-// The softmax state of a whole row (or tile) of len columns, walked in L1-sized chunks.
-template <typename P, typename R>
-SoftmaxPairState row_state(const P* x, const R* r, int64_t len) {
-  SoftmaxPairState state = empty_state();
+// The state of a whole row (or tile) of len columns, walked in L1-sized chunks; label_col
+// as for chunk_state.
+template <bool kMetrics, typename P, typename R>
+PartState row_state(const P* x, const R* r, int64_t len, int64_t label_col) {
+  PartState state{empty_state(), empty_metrics_state()};
   for (int64_t c = 0; c < len; c += kChunk) {
-    state = merge_states(state, chunk_state(x + c, r + c, std::min(kChunk, len - c)));
+    const PartState chunk =
+        chunk_state<kMetrics>(x + c, r + c, std::min(kChunk, len - c), label_col - c);
+    if constexpr (kMetrics) {
+      state.metrics = merge_metrics(state.softmax, state.metrics, chunk.softmax, chunk.metrics);
+    }
+    state.softmax = merge_states(state.softmax, chunk.softmax);
   }
   return state;
 }
@@ -147,7 +201,7 @@ inline void atomic_lower(std::atomic<int64_t>& target, int64_t value) {
 // A bad label is not raised from inside the parallel loop, where whichever chunk throws
 // first would be named: as on CUDA, every chunk records its bad tokens and the smallest
 // one is raised after the loop.
-template <typename P, typename R>
+template <bool kMetrics, typename P, typename R>
 void forward_impl(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
                   const at::Tensor& targets, int64_t ignore_index, const TokenStatsOut& out) {
   const int64_t V = policy_logits.size(2);
@@ -161,31 +215,46 @@ void forward_impl(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
       out.write_masked(i);
       return;
     }
-    out.write(i, finish_token_stats(row_state(x, r, V), static_cast<float>(x[y]),
-                                    static_cast<float>(r[y])));
+    const PartState row = row_state<kMetrics>(x, r, V, y);
+    const float pol_label_logit = static_cast<float>(x[y]);
+    out.write(i, finish_token_stats(row.softmax, pol_label_logit, static_cast<float>(r[y])));
+    if constexpr (kMetrics) {
+      out.write_metrics(i, finish_policy_metrics(row.softmax, row.metrics, pol_label_logit));
+    }
   });
   const int64_t bad_row = first_bad_row.load();
   if (bad_row != kNoBadRow) fail_bad_label_at(targets, bad_row, V, ignore_index);
 }
 
 // Folds the tile of columns [vocab_start, vocab_start + V) into each unmasked token's
-// state (state_in, or an empty state where it is null), writing state_out. Labels are
-// not checked: a tile cannot tell a label beyond it from one beyond the vocabulary.
-template <typename P, typename R>
+// state (state_in, or an empty state where it is null), writing state_out; with kMetrics
+// each token's state is followed by its PolicyMetricsState. Labels are not checked: a
+// tile cannot tell a label beyond it from one beyond the vocabulary.
+template <bool kMetrics, typename P, typename R>
 void tile_impl(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
                const at::Tensor& targets, int64_t ignore_index, int64_t vocab_start,
                const float* state_in, float* state_out) {
+  constexpr int kFloats = kMetrics ? kTileStateWithMetricsFloats : kTileStateFloats;
   const int64_t V = policy_logits.size(2);
   for_each_row<P, R>(policy_logits, ref_logits, targets,
                      [&](int64_t i, int64_t y, const P* x, const R* r) {
-    float* out = state_out + i * kTileStateFloats;
+    float* out = state_out + i * kFloats;
     if (y == ignore_index) {
       store_tile_state(out, masked_tile_state());
+      if constexpr (kMetrics) store_metrics_state(out, masked_metrics_state());
       return;
     }
-    const TokenTileState before =
-        state_in ? load_tile_state(state_in + i * kTileStateFloats) : empty_tile_state();
-    store_tile_state(out, fold_tile(before, row_state(x, r, V), x, r, y - vocab_start, V));
+    const float* in = state_in ? state_in + i * kFloats : nullptr;
+    const TokenTileState before = in ? load_tile_state(in) : empty_tile_state();
+    const int64_t label_col = y - vocab_start;
+    const PartState tile = row_state<kMetrics>(x, r, V, label_col);
+    if constexpr (kMetrics) {
+      const PolicyMetricsState metrics_before =
+          in ? load_metrics_state(in) : empty_metrics_state();
+      store_metrics_state(out, merge_metrics(before.softmax, metrics_before, tile.softmax,
+                                             tile.metrics));
+    }
+    store_tile_state(out, fold_tile(before, tile.softmax, x, r, label_col, V));
   });
 }
 
@@ -254,19 +323,33 @@ void token_stats_kernel(const at::Tensor& policy_logits, const at::Tensor& ref_l
                         const TokenStatsOut& out) {
   TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
                             "tdpo_ext::token_stats", [&] {
-                              forward_impl<policy_t, ref_t>(policy_logits, ref_logits, targets,
-                                                            ignore_index, out);
+                              if (out.has_metrics()) {
+                                forward_impl<true, policy_t, ref_t>(policy_logits, ref_logits,
+                                                                    targets, ignore_index, out);
+                              } else {
+                                forward_impl<false, policy_t, ref_t>(policy_logits, ref_logits,
+                                                                     targets, ignore_index, out);
+                              }
                             });
 }
 
 void token_stats_tile_kernel(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
                              const at::Tensor& targets, int64_t ignore_index,
-                             int64_t vocab_start, const float* state_in, float* state_out) {
+                             int64_t vocab_start, bool policy_metrics, const float* state_in,
+                             float* state_out) {
   TDPO_DISPATCH_LOGITS_PAIR(policy_logits.scalar_type(), ref_logits.scalar_type(),
                             "tdpo_ext::token_stats_tile", [&] {
-                              tile_impl<policy_t, ref_t>(policy_logits, ref_logits, targets,
-                                                         ignore_index, vocab_start, state_in,
-                                                         state_out);
+                              if (policy_metrics) {
+                                tile_impl<true, policy_t, ref_t>(policy_logits, ref_logits,
+                                                                 targets, ignore_index,
+                                                                 vocab_start, state_in,
+                                                                 state_out);
+                              } else {
+                                tile_impl<false, policy_t, ref_t>(policy_logits, ref_logits,
+                                                                  targets, ignore_index,
+                                                                  vocab_start, state_in,
+                                                                  state_out);
+                              }
                             });
 }
 

@@ -10,17 +10,20 @@
 namespace tdpo_ext::cpu {
 
 // Forward: one pass over each unmasked vocabulary row of both models. Outputs are
-// (N, T) float32 and are written for every token (0 where masked).
+// (N, T) and are written for every token (0 where masked); the policy metrics where
+// out.has_metrics().
 using TokenStatsFn = void (*)(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
                               const at::Tensor& targets, int64_t ignore_index,
                               const TokenStatsOut& out);
 
 // Forward over a tile of vocabulary columns [vocab_start, vocab_start + V): folds it into
-// each token's TokenTileState (state_in, (N, T, kTileStateFloats) float32 contiguous, or
-// null for none yet) and writes the result to state_out (same layout).
+// each token's TokenTileState, followed by its PolicyMetricsState with policy_metrics
+// (state_in, (N, T, kTileStateFloats or kTileStateWithMetricsFloats) float32 contiguous,
+// or null for none yet) and writes the result to state_out (same layout).
 using TokenStatsTileFn = void (*)(const at::Tensor& policy_logits, const at::Tensor& ref_logits,
                                   const at::Tensor& targets, int64_t ignore_index,
-                                  int64_t vocab_start, const float* state_in, float* state_out);
+                                  int64_t vocab_start, bool policy_metrics,
+                                  const float* state_in, float* state_out);
 
 // Backward: one pass writing grad_policy_logits (contiguous, policy dtype) in full,
 // zeros on masked tokens. The logits may be the tile of columns [vocab_start,
@@ -38,7 +41,7 @@ using TokenStatsBackwardFn = void (*)(const at::Tensor& grad_logp_pol,
   void token_stats_kernel(const at::Tensor&, const at::Tensor&, const at::Tensor&,     \
                           int64_t, const TokenStatsOut&);                               \
   void token_stats_tile_kernel(const at::Tensor&, const at::Tensor&, const at::Tensor&, \
-                               int64_t, int64_t, const float*, float*);                 \
+                               int64_t, int64_t, bool, const float*, float*);           \
   void token_stats_backward_kernel(const at::Tensor&, const at::Tensor&,                \
                                    const at::Tensor&, const at::Tensor&,                \
                                    const at::Tensor&, const at::Tensor&,                \

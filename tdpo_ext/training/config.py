@@ -84,7 +84,7 @@ class Config:
         "too small to gain from more; torch's default otherwise")
     max_grad_norm: float = setting(10.0, "gradient clipping")
     weight_decay: float = setting(0.0, "AdamW weight decay")
-    plots: bool = setting(True, "write loss.png, rewards.png, kl.png")
+    plots: bool = setting(True, "write loss.png, rewards.png, kl.png, entropy.png")
     # The task pipeline: SFT stage, pair sampling, reward eval.
     sft_steps: int = setting(250, "SFT steps on the task's corpus")
     sft_lr: float = setting(2e-3, "SFT learning rate")

@@ -186,8 +186,12 @@ class Stage:
                                 self.cfg, seed=self.cfg.seed + 4242, synced=self.sharded)
             metrics.update({"task_reward/eval": s["reward"], "sample_kl/eval": s["seq_kl"],
                             "sample_logratio/eval": s["logratio"],
-                            "sample_tokens/eval": s["response_tokens"]})
-            examples.update({"task_reward/eval": s["rewards"], "sample_kl/eval": s["seq_kls"]})
+                            "sample_tokens/eval": s["response_tokens"],
+                            "sample_entropy/eval": s["sample_entropy"],
+                            "distinct_1/eval": s["distinct_1"],
+                            "distinct_2/eval": s["distinct_2"]})
+            examples.update({"task_reward/eval": s["rewards"], "sample_kl/eval": s["seq_kls"],
+                             "sample_entropy/eval": s["sample_entropies"]})
         if examples:
             self.examples.append({"step": self.step} | examples)
         return metrics
@@ -201,7 +205,9 @@ class Stage:
                       f"{num(m['kl_eval/rejected'])}"]
         if "task_reward/eval" in m:
             parts.append(f"task reward {num(m['task_reward/eval'])} "
-                         f"(sample seq-KL {num(m['sample_kl/eval'])})")
+                         f"(sample seq-KL {num(m['sample_kl/eval'])}, entropy "
+                         f"{num(m['sample_entropy/eval'])}, distinct-2 "
+                         f"{num(m['distinct_2/eval'])})")
         log(f"[{self.name}] eval @ step {self.step}: " + " | ".join(parts))
 
     # -- training

@@ -1,13 +1,16 @@
 """The loss of one batch for tdpo-train, with every loss (TDPO1, TDPO2, DPO, SFT) and loss
 implementation (fused ops, the reference code's pattern, the fused LM head), and the
-per-pair metrics it reports, named as in the TDPO reference implementation."""
+per-pair metrics it reports, named as in the TDPO reference implementation, with the
+policy's token entropy beside them."""
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from ..fused_linear import fused_linear_tdpo_loss
 from ..lm_head import add_fused_head, head_inputs, lm_head_of
-from ..ops import tdpo_loss
+from ..ops import PolicyTokenMetrics, sequence_stats, tdpo_loss
 from ..reference import reference_tdpo_loss
 from . import data as D
 from . import models as M
@@ -53,16 +56,24 @@ def batch_loss(policy, ref, batch, cfg, split: str, heads=None):
     kw = dict(beta=cfg.beta, alpha=cfg.alpha, variant=cfg.loss,
               average_log_prob=cfg.average_log_prob)
     if heads is not None:
-        out = _fused_linear_loss(policy, ref, batch, heads, **kw)
+        out = _fused_linear_loss(policy, ref, batch, heads, policy_metrics=True, **kw)
         return out.loss, pair_metrics(out, split)
     logits = M.forward_logits(policy, batch["input_ids"], batch["attention_mask"])
     if cfg.loss == "sft":
         logps = sft_logps(logits, batch["labels"])
-        return -logps.mean(), {"loss": -logps.detach(), f"logps_{split}/chosen": logps.detach()}
+        # The entropy from the op, run on the same logits without gradient (the policy's
+        # logits stand in for the reference's, whose statistics are dropped): SFT's loss
+        # is plain log_softmax, which gives no entropy.
+        with torch.no_grad():
+            *_, metrics = sequence_stats(logits, logits, batch["labels"], policy_metrics=True)
+        return -logps.mean(), {"loss": -logps.detach(), f"logps_{split}/chosen": logps.detach(),
+                               **entropy_metrics(metrics, split, ("chosen",))}
     with torch.no_grad():
         ref_logits = M.forward_logits(ref, batch["input_ids"], batch["attention_mask"])
-    fn = tdpo_loss if cfg.loss_impl == "fused" else reference_tdpo_loss
-    out = fn(logits, ref_logits, batch["labels"], **kw)
+    if cfg.loss_impl == "fused":
+        out = tdpo_loss(logits, ref_logits, batch["labels"], policy_metrics=True, **kw)
+    else:  # the reference code's pass as it is: it computes no entropy (docs/TRAINING.md)
+        out = reference_tdpo_loss(logits, ref_logits, batch["labels"], **kw)
     return out.loss, pair_metrics(out, split)
 
 
@@ -91,24 +102,44 @@ def pair_metrics(out, split: str) -> dict:
         f"rewards_{split}/accuracies": (c > r).float(), f"rewards_{split}/margins": c - r,
         f"kl_{split}/chosen": out.chosen_kl, f"kl_{split}/rejected": out.rejected_kl,
         f"kl_{split}/margin": out.chosen_kl - out.rejected_kl,
-        f"logps_{split}/chosen": out.chosen_logps, f"logps_{split}/rejected": out.rejected_logps}
+        f"logps_{split}/chosen": out.chosen_logps, f"logps_{split}/rejected": out.rejected_logps,
+        **({} if out.policy_metrics is None else
+           entropy_metrics(out.policy_metrics, split, ("chosen", "rejected")))}
+
+
+class TokenMean(NamedTuple):
+    """A metric that Meter averages over tokens, not pairs: per-pair sums over the
+    response tokens, and those tokens' counts."""
+    sums: torch.Tensor
+    tokens: torch.Tensor
+
+
+def entropy_metrics(metrics: PolicyTokenMetrics, split: str, sides) -> dict:
+    """entropy_<split>/<side>: the policy's entropy, token-weighted mean over the response
+    tokens of each side's rows (the batch's rows split evenly among `sides`, in order)."""
+    sums = metrics.entropy.sum(-1).chunk(len(sides))  # 0 at masked positions
+    tokens = metrics.mask.sum(-1).chunk(len(sides))
+    return {f"entropy_{split}/{side}": TokenMean(s, t)
+            for side, s, t in zip(sides, sums, tokens)}
 
 
 class Meter:
-    """Sums of per-pair values over micro-batches and processes -> means."""
+    """Sums of per-pair values (or of TokenMean's per-token ones) over micro-batches and
+    processes -> means over pairs (over tokens)."""
 
     def __init__(self):
-        self.sums, self.count = {}, 0
+        self.sums, self.weights = {}, {}
 
     def add(self, values: dict):
         for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v.double().sum()
-        self.count += len(next(iter(values.values())))
+            total, weight = ((v.sums, v.tokens) if isinstance(v, TokenMean)
+                             else (v, torch.ones_like(v)))
+            self.sums[k] = self.sums.get(k, 0.0) + total.double().sum()
+            self.weights[k] = self.weights.get(k, 0.0) + weight.double().sum()
 
     def means(self, split: str) -> dict:
         keys = sorted(self.sums)
-        vec = all_sum(torch.stack([self.sums[k].cpu() for k in keys] +
-                                  [torch.tensor(float(self.count), dtype=torch.double)]))
-        out = {("loss/" + split if k == "loss" else k): (vec[i] / vec[-1]).item()
-               for i, k in enumerate(keys)}
-        return out
+        sums, weights = all_sum(torch.stack([torch.stack([self.sums[k], self.weights[k]])
+                                             for k in keys]).cpu()).unbind(1)
+        return {("loss/" + split if k == "loss" else k): (sums[i] / weights[i]).item()
+                for i, k in enumerate(keys)}

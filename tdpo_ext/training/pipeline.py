@@ -183,12 +183,15 @@ def train(cfg, procs: Processes) -> dict:
 
     summary.update({"steps": result["steps"], "eval": result["eval"],
                     "train": {k: v for k, v in result["last_train"].items()
-                              if k.startswith(("loss/", "rewards_", "kl_", "logps_"))},
+                              if k.startswith(("loss/", "rewards_", "kl_", "logps_",
+                                                "entropy_"))},
                     "final_checkpoint": os.path.join(cfg.out, "final"),
                     "runtime_s": round(time.time() - t_start, 1), "world_size": procs.world})
     first, last = result["first_eval"], result["eval"]
     for name, key in (("task_reward", "task_reward/eval"), ("sample_kl", "sample_kl/eval"),
-                      ("sample_logratio", "sample_logratio/eval")):
+                      ("sample_logratio", "sample_logratio/eval"),
+                      ("sample_entropy", "sample_entropy/eval"),
+                      ("distinct_1", "distinct_1/eval"), ("distinct_2", "distinct_2/eval")):
         if key in last:
             summary[name] = {"before": first.get(key), "after": last[key]}
     if procs.rank == 0:

@@ -26,7 +26,8 @@ def _panel(ax, rows, keys, title, ylabel):
 
 
 def plot_run(folder: str) -> list[str]:
-    """loss.png, rewards.png and kl.png in `folder`, from its metrics.jsonl."""
+    """loss.png, rewards.png, kl.png and entropy.png in `folder`, from its metrics.jsonl
+    (each with the panels whose metrics the run logged)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -49,6 +50,14 @@ def plot_run(folder: str) -> list[str]:
             ("KL margin (chosen - rejected)", "KL (nats)",
              [("kl_train/margin", "-"), ("kl_eval/margin", "o-")]),
             ("Sequential KL on policy samples", "KL (nats)", [("sample_kl/eval", "o-")])],
+        "entropy.png": [
+            ("Policy entropy on chosen and rejected responses", "entropy per token (nats)",
+             [(f"entropy_{s}/{k}", st) for s, st in (("train", "-"), ("eval", "o-"))
+              for k in ("chosen", "rejected")]),
+            ("Policy entropy on policy samples", "entropy per token (nats)",
+             [("sample_entropy/eval", "o-")]),
+            ("Distinct n-grams of policy samples", "distinct / all n-grams",
+             [("distinct_1/eval", "o-"), ("distinct_2/eval", "o-")])],
     }
     for name, panels in specs.items():
         panels = [p for p in panels if any(_series(rows, k)[0] for k, _ in p[2])]
