@@ -18,10 +18,15 @@ def test_quick_frontier_run_writes_its_report(tmp_path):
     assert {p["method"] for p in points} == {"DPO", "TDPO2 a=0.5"}
     assert {(p["seed"], p["step"]) for p in points} == {(s, t) for s in (0, 1)
                                                         for t in (0, 1, 2)}
+    assert all(p["sample_entropy"] > 0 and 0 < p["distinct_1"] <= 1 for p in points)
     report = (tmp_path / "frontier.md").read_text()
-    assert "| TDPO2 a=0.5 | **" in report and "| DPO | 0.1 | 2-2 |" in report
+    assert "| DPO | 0.1 | 2-2 |" in report
+    # the verdict rows: per KL budget, then per reward level
+    assert report.count("| TDPO2 a=0.5 | **") == 2
+    assert "## Reward against sample diversity" in report
+    assert "- **Does TDPO keep more diversity than DPO at equal reward?** " in report
     assert "-0.00" not in report
-    for name in ("frontier.png", "frontier_kl.png"):
+    for name in ("frontier.png", "frontier_diversity.png", "frontier_kl.png"):
         assert (tmp_path / name).stat().st_size > 1000
 
 

@@ -46,7 +46,9 @@ def plot_paths_and_best(stats, grid, path_xy, best_of, labels, file, xmax=None):
         best = best_of(st)
         lo, hi = S.interval(best)
         right.plot(grid, best[0], color=COLORS.get(m), label=m, linewidth=2)
-        right.fill_between(grid, lo, hi, color=COLORS.get(m), alpha=0.15)
+        # intervals only where the data has a reading, as the line
+        right.fill_between(grid, lo, hi, where=~np.isnan(best[0]), color=COLORS.get(m),
+                           alpha=0.15)
     for i, beta in enumerate(next(iter(stats.values())).paths):
         left.plot([], [], "k", marker=MARKERS[i % len(MARKERS)], linestyle="none",
                   label=f"beta {beta}", markersize=4)
@@ -153,8 +155,9 @@ def diversity(stats, levels, reward_levels, betas) -> tuple[list[str], dict, lis
     heads = [f"reward >= {r}" for r in reward_levels]
     start = stats[base].paths[betas[0]]
 
-    def unreached(st, j):  # replicates that never reach the level have no reading
-        return " ‡" if np.isnan(st.diversity[1:, cols[j]]).any() else ""
+    def unreached(st, j):  # reached on the data, but not in every replicate
+        got = st.diversity[:, cols[j]]
+        return " ‡" if not np.isnan(got[0]) and np.isnan(got[1:]).any() else ""
 
     lines = [
         "", "## Reward against sample diversity", "",
@@ -223,10 +226,10 @@ def diversity_findings(stats, verdicts, cols, reward_levels) -> list[str]:
               "no difference found" if more == less == 0 else
               "yes, where they differ" if less == 0 else
               "no: less where they differ" if more == 0 else "mixed")
+    counted = (f": over the {n} (method, level) comparisons with data, more at {more}, "
+               f"level at {counts['level']}, less at {less}" if n else "")
     lines.append(f"- **Does TDPO keep more diversity than {base} at equal reward?** "
-                 f"{answer[0].upper() + answer[1:]}: over the {n} (method, level) "
-                 f"comparisons with data, more at {more}, level at {counts['level']}, less at "
-                 f"{less}.")
+                 f"{answer[0].upper() + answer[1:]}{counted}.")
     return lines
 
 
