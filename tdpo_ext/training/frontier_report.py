@@ -270,9 +270,11 @@ def markdown(stats, grid, budgets, levels, reward_levels, betas, seeds, args, ru
         "so a path whose KL grows in 20 steps is read as finely as one that takes 2000. "
         "A method's best reward within a budget is its best reading at or below the "
         "budget, over its betas, **chosen on one half of the eval prompts and scored on "
-        "the other** (both ways, averaged). The best of many noisy readings is biased "
-        "upwards, the more so the more readings there are: scored on its own data, it "
-        "would favour the slowest methods, which have the most evaluations.",
+        "the other** (both ways, averaged; where a path reaches each KL value is read on "
+        "all eval prompts, and the other half is scored at that point). The best of many "
+        "noisy readings is biased upwards, the more so the more readings there are: "
+        "scored on its own data, it would favour the slowest methods, which have the most "
+        "evaluations.",
         f"- **Intervals.** {S.LEVEL:.0%} percentile bootstrap intervals from {args.draws} "
         "replicates; each resamples the seeds and, within each drawn seed, the eval "
         "prompts (or pairs), and recomputes everything from the per-example values. The "

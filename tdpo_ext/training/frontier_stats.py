@@ -164,8 +164,9 @@ def best_within_crossfit(pick: list[np.ndarray], score: list[np.ndarray]) -> np.
     the other half (`score`). The noise that makes a reading look best then does not count
     in its favour, so a method with more readings near a budget gains nothing from having
     more chances. NaN: no reading. Made non-decreasing along the grid afterwards (a larger
-    budget allows all that a smaller one does), a maximum over readings that are mostly
-    the same point, scored on the other half."""
+    budget allows all that a smaller one does, a lower reward level all that a higher one
+    does), a maximum over readings that are mostly the same point, scored on the other
+    half."""
     best = chosen(np.stack(pick, axis=1), np.stack(score, axis=1))
     return np.fmax.accumulate(best, axis=1)
 
