@@ -5,12 +5,13 @@ TDPO1 and TDPO2 (alpha 0.1, 0.5, 1.0) trained from it across beta values and see
 run until its sample KL passes --stop-sample-kl (or --steps), evaluated every
 --eval-every steps on the task reward of policy samples, the sequential KL
 sum_t KL(pi_ref || pi_theta) on those samples, and the KL of the eval pairs' chosen and
-rejected responses. Writes, in
---docs: frontier.md (command, settings, method, tables with bootstrap intervals, verdicts
-against DPO), frontier.png (paths, and the best reward within a KL budget),
-frontier_kl.png (the rejected-minus-chosen KL gap) and frontier_points.json (every
-evaluation of every run, as seed-level means). The statistics are frontier_stats', the
-report frontier_report's.
+rejected responses, and the diversity of the samples (their policy entropy per token,
+distinct-1/2). Writes, in --docs: frontier.md (command, settings, method, tables with
+bootstrap intervals, verdicts against DPO), frontier.png (paths, and the best reward
+within a KL budget), frontier_diversity.png (reward against sample entropy: paths, and
+the most entropy kept at each reward level), frontier_kl.png (the rejected-minus-chosen
+KL gap) and frontier_points.json (every evaluation of every run, as seed-level means).
+The statistics are frontier_stats', the report frontier_report's.
 
     tdpo-experiment frontier --docs docs        # the committed results (see docs/frontier.md)
     tdpo-experiment frontier --quick --out /tmp/f --docs /tmp/f   # a smoke test
@@ -32,6 +33,9 @@ from .files import read_rows
 METHODS = {"DPO": ("dpo", 0.5), "TDPO1": ("tdpo1", 0.5), "TDPO2 a=0.1": ("tdpo2", 0.1),
            "TDPO2 a=0.5": ("tdpo2", 0.5), "TDPO2 a=1.0": ("tdpo2", 1.0)}
 BUDGETS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0)  # nats of sample KL, the report's columns
+# Task reward (VADER compound, at most REWARD_TOP): the diversity report's columns.
+REWARD_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+REWARD_TOP = 1.0
 
 
 def slug(method, beta, seed):
@@ -91,20 +95,25 @@ def collect(out, methods, betas, seeds):
     trajectories, points = {}, []
     for m in methods:
         for b in betas:
-            per_seed = []
+            per_seed, evals = [], []
             for s in seeds:
                 folder = os.path.join(out, "runs", slug(m, b, s))
                 rows = read_rows(os.path.join(folder, "eval_examples.jsonl"))
+                if "sample_entropy/eval" not in rows[0]:
+                    raise SystemExit(f"{folder} has no sample entropies: it was trained by a "
+                                     "tdpo-train that did not record them; use a new --out")
                 per_seed.append(rows)
-                for r in read_rows(os.path.join(folder, "metrics.jsonl")):
-                    if "task_reward/eval" in r:
-                        points.append({"method": m, "beta": b, "seed": s, "step": r["step"],
-                                       "reward": r["task_reward/eval"],
-                                       "sample_kl": r["sample_kl/eval"],
-                                       "kl_chosen": r["kl_eval/chosen"],
-                                       "kl_rejected": r["kl_eval/rejected"],
-                                       "accuracy": r["rewards_eval/accuracies"]})
-            trajectories[m, b] = S.trajectory(per_seed)
+                evals.append([r for r in read_rows(os.path.join(folder, "metrics.jsonl"))
+                              if "task_reward/eval" in r])
+                points += [{"method": m, "beta": b, "seed": s, "step": r["step"],
+                            "reward": r["task_reward/eval"], "sample_kl": r["sample_kl/eval"],
+                            "sample_entropy": r["sample_entropy/eval"],
+                            "distinct_1": r["distinct_1/eval"],
+                            "distinct_2": r["distinct_2/eval"],
+                            "kl_chosen": r["kl_eval/chosen"],
+                            "kl_rejected": r["kl_eval/rejected"],
+                            "accuracy": r["rewards_eval/accuracies"]} for r in evals[-1]]
+            trajectories[m, b] = S.trajectory(per_seed, evals)
     return trajectories, points
 
 
@@ -120,11 +129,13 @@ def report(out, methods, betas, seeds, args, docs, runtime_s, command):
     limit = args.stop_sample_kl
     budgets = [b for b in BUDGETS if limit is None or b < limit]
     grid = S.grid_to(budgets[-1])
-    with warnings.catch_warnings():  # all-NaN slices (budgets a path never reaches)
+    levels = S.levels_from(REWARD_TOP, REWARD_LEVELS[0])
+    with warnings.catch_warnings():  # all-NaN slices (budgets or levels never reached)
         warnings.simplefilter("ignore", RuntimeWarning)
-        stats = {m: S.method_stats({b: trajectories[m, b] for b in betas}, draws, grid)
-                 for m in methods}
-    F.write(stats, grid, budgets, betas, seeds, args, docs, runtime_s, command)
+        stats = {m: S.method_stats({b: trajectories[m, b] for b in betas}, draws, grid,
+                                   levels) for m in methods}
+    F.write(stats, grid, budgets, levels, REWARD_LEVELS, betas, seeds, args, docs,
+            runtime_s, command)
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,7 @@ COLORS = {"DPO": "tab:red", "TDPO1": "tab:orange", "TDPO2 a=0.1": "tab:cyan",
           "TDPO2 a=0.5": "tab:blue", "TDPO2 a=1.0": "tab:purple"}
 MARKERS = ["o", "s", "^", "D", "v"]
 GAP_KL = (2.0, 4.0)  # nats of sample KL at which the gaps are compared in the table
+ENTROPY_AXIS = "policy entropy on its samples (nats per token, mean over samples)"
 
 
 def fmt(x: float, digits: int = 3) -> str:
@@ -27,37 +28,62 @@ def with_interval(samples: np.ndarray, digits: int = 3) -> list[str]:
             for e, a, b in zip(samples[0], lo, hi)]
 
 
-def plot_frontier(stats, grid, docs):
+def plot_paths_and_best(stats, grid, path_xy, best_of, labels, file, xmax=None):
+    """Left: every (method, beta)'s seed-mean path, path_xy(Path) -> (x, y), up to xmax;
+    right: best_of(MethodStats) (R, G) on the grid, with its intervals. labels: the left
+    x, y and title, then the right ones."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    top = grid[-1]
     for m, st in stats.items():
-        for i, (beta, (_, reward, kl)) in enumerate(st.paths.items()):
-            ok = ~np.isnan(kl) & (kl <= top * 1.5)
-            left.plot(kl[ok], reward[ok], "-", color=COLORS.get(m), alpha=0.6, linewidth=1,
+        for i, path in enumerate(st.paths.values()):
+            x, y = path_xy(path)
+            ok = ~np.isnan(x) & ~np.isnan(y) & (x <= (np.inf if xmax is None else xmax))
+            left.plot(x[ok], y[ok], "-", color=COLORS.get(m), alpha=0.6, linewidth=1,
                       marker=MARKERS[i % len(MARKERS)], markersize=3,
                       label=m if i == 0 else None)
-        lo, hi = S.interval(st.best)
-        right.plot(grid, st.best[0], color=COLORS.get(m), label=m, linewidth=2)
-        right.fill_between(grid, lo, hi, color=COLORS.get(m), alpha=0.15)
+        best = best_of(st)
+        lo, hi = S.interval(best)
+        right.plot(grid, best[0], color=COLORS.get(m), label=m, linewidth=2)
+        # intervals only where the data has a reading, as the line
+        right.fill_between(grid, lo, hi, where=~np.isnan(best[0]), color=COLORS.get(m),
+                           alpha=0.15)
     for i, beta in enumerate(next(iter(stats.values())).paths):
         left.plot([], [], "k", marker=MARKERS[i % len(MARKERS)], linestyle="none",
                   label=f"beta {beta}", markersize=4)
-    left.set_xlim(0, top * 1.5)
-    left.set_xlabel("sequential KL(pi_ref || pi_theta) on policy samples (nats)")
-    left.set_ylabel("task reward of policy samples (VADER compound)")
-    left.set_title("Every run's path (seed means, one point per evaluation)")
-    right.set_xlabel("KL budget (nats)")
-    right.set_ylabel("best task reward within the budget")
-    right.set_title(f"Frontier, with {S.LEVEL:.0%} bootstrap intervals")
-    for ax in (left, right):
+    if xmax is not None:
+        left.set_xlim(0, xmax)
+    for ax, (x, y, title) in ((left, labels[:3]), (right, labels[3:])):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(docs, "frontier.png"), dpi=100)
+    fig.savefig(file, dpi=100)
     plt.close(fig)
+
+
+def plot_frontier(stats, grid, docs):
+    plot_paths_and_best(
+        stats, grid, lambda p: (p.kl, p.reward), lambda st: st.best,
+        ("sequential KL(pi_ref || pi_theta) on policy samples (nats)",
+         "task reward of policy samples (VADER compound)",
+         "Every run's path (seed means, one point per evaluation)",
+         "KL budget (nats)", "best task reward within the budget",
+         f"Frontier, with {S.LEVEL:.0%} bootstrap intervals"),
+        os.path.join(docs, "frontier.png"), xmax=grid[-1] * 1.5)
+
+
+def plot_diversity(stats, levels, docs):
+    plot_paths_and_best(
+        stats, levels, lambda p: (p.reward, p.entropy), lambda st: st.diversity,
+        ("task reward of policy samples (VADER compound)", ENTROPY_AXIS,
+         "Every run's path (seed means, one point per evaluation)",
+         "reward level", "most sample entropy at the level or above (nats per token)",
+         f"Diversity kept at equal reward, with {S.LEVEL:.0%} bootstrap intervals"),
+        os.path.join(docs, "frontier_diversity.png"))
 
 
 def plot_gap(stats, grid, betas, docs):
@@ -96,7 +122,119 @@ def plot_gap(stats, grid, betas, docs):
     plt.close(fig)
 
 
-def markdown(stats, grid, budgets, betas, seeds, args, runtime_s, command):
+def table(heads: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table with a first column "method"."""
+    return (["| method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+            + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def value_table(stats, of, cols, heads, mark=lambda st, j: "") -> list[str]:
+    """Each method's statistic of(MethodStats) (R, G) at the grid columns, with its
+    interval; mark(MethodStats, j) is appended to the j-th cell."""
+    return table(heads, [[m] + [c + mark(st, j) for j, c in
+                                enumerate(with_interval(of(st)[:, cols]))]
+                         for m, st in stats.items()])
+
+
+def verdict_table(stats, of, cols, heads) -> tuple[list[str], dict]:
+    """The verdict of each method but the first against the first, and the difference
+    with its interval, at the grid columns; and the verdicts, per method."""
+    (base, first), rows, verdicts = next(iter(stats.items())), [], {}
+    for m, st in list(stats.items())[1:]:
+        diff = (of(st) - of(first))[:, cols]
+        verdicts[m] = [S.verdict(diff[:, j]) for j in range(len(cols))]
+        rows.append([m] + [f"**{v}** {c}" for v, c in zip(verdicts[m], with_interval(diff))])
+    return table(heads, rows), verdicts
+
+
+def diversity(stats, levels, reward_levels, betas) -> tuple[list[str], dict, list]:
+    """The report's section on reward against sample diversity; its verdicts per method,
+    and the columns of `levels` that it reports."""
+    base = next(iter(stats))
+    cols = [int(np.argmin(np.abs(levels - r))) for r in reward_levels]
+    heads = [f"reward >= {r}" for r in reward_levels]
+    start = stats[base].paths[betas[0]]
+
+    def unreached(st, j):  # reached on the data, but not in every replicate
+        got = st.diversity[:, cols[j]]
+        return " ‡" if not np.isnan(got[0]) and np.isnan(got[1:]).any() else ""
+
+    lines = [
+        "", "## Reward against sample diversity", "",
+        "The paper's claim is that TDPO's token-level KL control keeps generation diversity "
+        "while aligning (its Table 1 reports entropy beside alignment). Here a policy's "
+        "diversity is its **sample entropy**: for each eval prompt, the policy's entropy "
+        "H(pi_theta(.|prefix)) in nats, averaged over the tokens of its sample (the same "
+        "samples that give the task reward and the sample KL), then averaged over prompts.",
+        "",
+        "- **Diversity at a reward level.** Each (method, beta)'s seed-mean path through "
+        f"(reward, entropy) is read at reward levels every {S.LEVEL_STEP}, interpolating "
+        "between the two evaluations around each (a per-sequence mix of those two policies "
+        "has that reward and, each sample's entropy taken under the policy that drew it, "
+        "that entropy). A method's diversity at a level is its most entropy at that reward "
+        "or above, over its betas, chosen on one half of the eval prompts and scored on "
+        "the other (both ways, averaged), as the best reward within a budget is.",
+        "- **Intervals and verdicts** from the same bootstrap draws as above, paired by "
+        f"seed and prompt: above (below) {base} when the whole interval of the difference "
+        f"in entropy from {base}'s is above (below) zero, level otherwise; n/a where one of "
+        "the two never reaches the level.", "",
+        "![reward against sample diversity](frontier_diversity.png)", "",
+        f"Before preference training (step 0, the SFT model): sample entropy "
+        f"{fmt(start.entropy[0])} nats per token, distinct-1 {fmt(start.distinct[0, 0])}, "
+        f"distinct-2 {fmt(start.distinct[0, 1])}.", "",
+        "### Most sample entropy at a reward level or above", "",
+        f"Seed-mean entropy (nats per token), with its {S.LEVEL:.0%} interval; - where the "
+        "method's seed-mean paths never reach the level. A double dagger marks levels that "
+        "some bootstrap replicates never reach: the interval is over those that do.", ""]
+    lines += value_table(stats, lambda st: st.diversity, cols, heads, unreached)
+    lines += ["", f"### Against {base}, per reward level", "",
+              f"Verdict, and the difference from {base}'s entropy with its interval.", ""]
+    rows, verdicts = verdict_table(stats, lambda st: st.diversity, cols, heads)
+    lines += rows + [
+        "", "### Distinct-1 / distinct-2 at those points", "",
+        "The distinct token unigrams (bigrams) over all unigrams (bigrams) of an "
+        "evaluation's samples (Li et al., 2016), seed means, at each method's reading with "
+        "the most entropy at the level or above on all eval prompts. They are one number "
+        "per evaluation of a run, with no per-prompt values to split or resample: the "
+        "reading is not cross-fitted and the values have no interval.", ""]
+    lines += table(heads, [[m] + [f"{fmt(d1)} / {fmt(d2)}" for d1, d2 in st.distinct[cols]]
+                           for m, st in stats.items()])
+    return lines, verdicts, cols
+
+
+def diversity_findings(stats, verdicts, cols, reward_levels) -> list[str]:
+    """The computed answer to the paper's question: more diversity than the baseline at
+    equal reward?"""
+    base, first = next(iter(stats.items()))
+    lines, counts = [], {"above": 0, "level": 0, "below": 0}
+    for m, v in verdicts.items():
+        line = (f"- {m} against {base}, sample entropy at equal reward ({len(v)} levels): "
+                f"more at {v.count('above')}, level at {v.count('level')}, less at "
+                f"{v.count('below')}, n/a at {v.count('n/a')}")
+        both = [j for j, x in enumerate(v) if x != "n/a"]
+        if both:
+            j = both[-1]
+            diff = (stats[m].diversity - first.diversity)[:, cols[j]]
+            line += (f"; at the highest level both reach, reward >= {reward_levels[j]}: "
+                     f"{with_interval(diff[:, None])[0]} nats per token")
+        lines.append(line + ".")
+        for k in counts:
+            counts[k] += v.count(k)
+    n = sum(counts.values())
+    more, less = counts["above"], counts["below"]
+    answer = ("not answered: no reward level that both reach" if n == 0 else
+              "no difference found" if more == less == 0 else
+              "yes, where they differ" if less == 0 else
+              "no: less where they differ" if more == 0 else "mixed")
+    counted = (f": over the {n} (method, level) comparisons with data, more at {more}, "
+               f"level at {counts['level']}, less at {less}" if n else "")
+    lines.append(f"- **Does TDPO keep more diversity than {base} at equal reward?** "
+                 f"{answer[0].upper() + answer[1:]}{counted}.")
+    return lines
+
+
+def markdown(stats, grid, budgets, levels, reward_levels, betas, seeds, args, runtime_s,
+             command):
     """The report's lines."""
     methods = list(stats)
     base = methods[0]
@@ -132,9 +270,11 @@ def markdown(stats, grid, budgets, betas, seeds, args, runtime_s, command):
         "so a path whose KL grows in 20 steps is read as finely as one that takes 2000. "
         "A method's best reward within a budget is its best reading at or below the "
         "budget, over its betas, **chosen on one half of the eval prompts and scored on "
-        "the other** (both ways, averaged). The best of many noisy readings is biased "
-        "upwards, the more so the more readings there are: scored on its own data, it "
-        "would favour the slowest methods, which have the most evaluations.",
+        "the other** (both ways, averaged; where a path reaches each KL value is read on "
+        "all eval prompts, and the other half is scored at that point). The best of many "
+        "noisy readings is biased upwards, the more so the more readings there are: "
+        "scored on its own data, it would favour the slowest methods, which have the most "
+        "evaluations.",
         f"- **Intervals.** {S.LEVEL:.0%} percentile bootstrap intervals from {args.draws} "
         "replicates; each resamples the seeds and, within each drawn seed, the eval "
         "prompts (or pairs), and recomputes everything from the per-example values. The "
@@ -147,33 +287,25 @@ def markdown(stats, grid, budgets, betas, seeds, args, runtime_s, command):
         "|---|---|---|---|---|"]
     for m in methods:
         for beta in betas:
-            steps, reward, kl = stats[m].paths[beta]
-            i = int(np.nanargmax(kl))
+            path = stats[m].paths[beta]
+            i = int(np.nanargmax(path.kl))
             last = stats[m].last_steps[beta]
-            lines.append(f"| {m} | {beta} | {min(last)}-{max(last)} | {fmt(kl[i], 2)} "
-                         f"(step {steps[i]}) | {fmt(reward[i])} |")
-    start = stats[base].paths[betas[0]][1][0]
+            lines.append(f"| {m} | {beta} | {min(last)}-{max(last)} | {fmt(path.kl[i], 2)} "
+                         f"(step {path.steps[i]}) | {fmt(path.reward[i])} |")
+    start = stats[base].paths[betas[0]].reward[0]
     lines += ["", f"Before preference training (step 0, the SFT model): task reward "
               f"{fmt(start)}.", "", "## Best task reward within a KL budget", "",
               f"Seed-mean reward, with its {S.LEVEL:.0%} interval. A dagger marks budgets "
               "beyond a method's furthest seed-mean KL: its best there is its best at all.",
-              "", "| method | " + " | ".join(f"KL <= {b}" for b in budgets) + " |",
-              "|---|" + "---|" * len(budgets)]
+              ""]
     cols = [int(np.argmin(np.abs(grid - b))) for b in budgets]
-    for m in methods:
-        cells = with_interval(stats[m].best[:, cols])
-        cells = [c + (" †" if b > stats[m].reach else "") for c, b in zip(cells, budgets)]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    heads = [f"KL <= {b}" for b in budgets]
+    lines += value_table(stats, lambda st: st.best, cols, heads,
+                         lambda st, j: " †" if budgets[j] > st.reach else "")
     lines += ["", f"## Against {base}, per budget", "",
-              f"Verdict, and the difference from {base}'s best with its interval.", "",
-              "| method | " + " | ".join(f"KL <= {b}" for b in budgets) + " |",
-              "|---|" + "---|" * len(budgets)]
-    verdicts = {}
-    for m in methods[1:]:
-        diff = (stats[m].best - stats[base].best)[:, cols]
-        verdicts[m] = [S.verdict(diff[:, j]) for j in range(len(budgets))]
-        lines.append(f"| {m} | " + " | ".join(
-            f"**{v}** {c}" for v, c in zip(verdicts[m], with_interval(diff))) + " |")
+              f"Verdict, and the difference from {base}'s best with its interval.", ""]
+    rows, verdicts = verdict_table(stats, lambda st: st.best, cols, heads)
+    lines += rows
     lines += ["", "## The rejected-minus-chosen KL gap", "",
               "The paper's second observation: under DPO the sequential KL of rejected "
               "responses outgrows that of chosen ones; TDPO's token-level KL term should "
@@ -218,7 +350,7 @@ def markdown(stats, grid, budgets, betas, seeds, args, runtime_s, command):
             if not i.size:
                 cells.append("-")
                 continue
-            g, kl = gap[:, i[0]], stats[m].paths[b][2][i[0]]
+            g, kl = gap[:, i[0]], stats[m].paths[b].kl[i[0]]
             cell = f"{with_interval(g[:, None], 2)[0]} at {fmt(kl, 1)} nats"
             if m != base:
                 j = np.flatnonzero(stats[base].gap[b][0] == last[b])[0]
@@ -228,7 +360,8 @@ def markdown(stats, grid, budgets, betas, seeds, args, runtime_s, command):
                 cell += f" **{v}**"
             cells.append(cell)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "## Findings (computed)", ""]
+    diversity_lines, diversity_verdicts, cols = diversity(stats, levels, reward_levels, betas)
+    lines += diversity_lines + ["", "## Findings (computed)", ""]
     n_kl = len(betas) * len(GAP_KL)
     for m in methods[1:]:
         v, g = verdicts[m], gap_verdicts[m]
@@ -240,13 +373,16 @@ def markdown(stats, grid, budgets, betas, seeds, args, runtime_s, command):
                      f"equal steps ({len(g) - n_kl}): smaller at "
                      f"{g[n_kl:].count('smaller')}, level at {g[n_kl:].count('level')}, "
                      f"larger at {g[n_kl:].count('larger')}.")
-    return lines
+    return lines + diversity_findings(stats, diversity_verdicts, cols, reward_levels)
 
 
-def write(stats, grid, budgets, betas, seeds, args, docs, runtime_s, command):
+def write(stats, grid, budgets, levels, reward_levels, betas, seeds, args, docs, runtime_s,
+          command):
     plot_frontier(stats, grid, docs)
+    plot_diversity(stats, levels, docs)
     plot_gap(stats, grid, betas, docs)
-    lines = markdown(stats, grid, budgets, betas, seeds, args, runtime_s, command)
+    lines = markdown(stats, grid, budgets, levels, reward_levels, betas, seeds, args,
+                     runtime_s, command)
     path, notes = os.path.join(docs, "frontier.md"), ""
     if os.path.isfile(path):  # hand-written notes after the marker survive a re-report
         with open(path) as f:
