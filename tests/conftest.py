@@ -30,6 +30,7 @@ QUICK_MODULES = (
     "test_errors",
     "test_fused_linear",
     "test_import",
+    "test_policy_metrics",
     "test_preference_loss",
     "test_sequence_stats",
     "test_tdpo_loss",

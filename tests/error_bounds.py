@@ -36,6 +36,36 @@ KL_ULPS = 8
 # per token there.
 KL_TOKEN_ATOL = 1e-6
 KL_SEQUENCE_ATOL = 2e-5
+# The policy metrics (PolicyMetricsState in csrc/tdpo_math.h), bounded as token_kl is: a
+# stated number of ulps times the magnitude of the terms each is computed from, which
+# oracle.policy_metric_terms reports.
+#
+# entropy = log S - C / S with S = sum_v exp(d_v), C = sum_v exp(d_v) d_v, d_v = x_v - m in
+# the frame of the row's maximum m (p = softmax(x)). The kernels take each chunk's or
+# tile's sums in the frame of its own maximum s <= m, where |x_v - s| <= |d_v|, and rebase
+# them onto m as exp(s - m) (C_s + (s - m) S_s): terms of the same sizes. In float32:
+#   - x_v - s is rounded by at most EPS32/2 |d_v| (it is exact for the two inputs' exact
+#     float32 values within a factor 2), which exp turns into a relative error of that size
+#     in exp(d_v) and in exp(d_v) d_v; so are the rescale factors' exp(s - m), |s - m| <=
+#     |d_v| for every column they scale. Relative to S, summed over the row: E_p[d^2];
+#   - exp's own rounding (a few ulps) and the sums' (each addition EPS32/2 of its partial
+#     sum; errors of either sign, growing like the square root of the additions' depth):
+#     EPS32 relative to S, i.e. 1 in log S and E_p[|d|] in C / S;
+#   - the division C / S, log S, and their difference: E_p[|d|] and |log S|.
+# So |entropy - oracle| <= ENTROPY_ULPS * EPS32 * (1 + |log S| + E_p[|d|] + E_p[d^2]),
+# where ENTROPY_ULPS counts the ulps of each step, as ULPS does. Only differences to a
+# maximum are rounded: the bound does not grow with the logits' offset.
+# Measured on CPU (AVX512, AVX2, DEFAULT kernels) over 1060 random cases (inputs.draw_case,
+# offsets up to 1e4), whole rows and tiles merged in random order: errors up to 1.2 ulps
+# of that magnitude.
+ENTROPY_ULPS = 8
+# logit_mean = (sum_v x_v) / V, the sum in float32: each addition rounds its partial sum
+# by EPS32/2, at most EPS32/2 * sum_v |x_v|, and the division once more. Errors of either
+# sign: the sum of k additions' errors grows like sqrt(k) (at most 256 sequential
+# additions per SIMD lane in a 2048-column chunk, then the lanes' and chunks' merges), so
+# |logit_mean - oracle| <= LOGIT_MEAN_ULPS * EPS32 * mean_v |x_v|. A -inf logit gives
+# -inf, exactly. Measured as the entropy: errors up to 1.8 ulps of that magnitude.
+LOGIT_MEAN_ULPS = 8
 # Gradients come back in the policy dtype, rounded once from float32: up to half an ulp
 # of that dtype (relative) on top of the float32 bound. Absolute floors: float16's
 # subnormal spacing, and for float32 / bfloat16 values below float32's smallest normal,

@@ -90,6 +90,45 @@ def kl_frame_magnitude(x, r, p, q):
             + expect(q, r - x) + (max_r - max_x).squeeze(-1).abs())
 
 
+class PolicyMetricTerms(NamedTuple):
+    """The policy metrics of positions 0..T-2 in float64 (N, T-1), 0 / False where masked,
+    and the magnitudes of the terms the kernels compute them from
+    (tests/error_bounds.py)."""
+    entropy: torch.Tensor            # -sum_v p_v log p_v, with 0 log 0 = 0
+    logit_mean: torch.Tensor         # mean of the row's logits (-inf if one is -inf)
+    label_is_argmax: torch.Tensor    # bool: the label is torch.argmax of the row
+    entropy_magnitude: torch.Tensor  # error_bounds.entropy_atol's magnitude; 0 if masked
+    logit_magnitude: torch.Tensor    # mean of |x| over the finite logits; 0 if masked
+
+
+def policy_metric_terms(policy_logits: torch.Tensor, labels: torch.Tensor,
+                        ignore_index: int = -100) -> PolicyMetricTerms:
+    """TRL's definitions of entropy, logits/* and mean_token_accuracy, per token; logits
+    at t predict labels at t + 1."""
+    x = policy_logits.detach().to(torch.float64)[:, :-1]
+    targets = labels[:, 1:].long()
+    mask = targets != ignore_index
+    targets = targets.where(mask, 0)
+    logp = x.log_softmax(-1)
+    p = logp.exp()
+    entropy = -(p * torch.where(p > 0, logp, 0.0)).sum(-1)
+    # In the frame of the row maximum m, the kernels' entropy is log S - E_p[d] with
+    # d = x - m and S = sum exp(d).
+    d = x - x.amax(-1, keepdim=True)
+    d = torch.where(p > 0, d, 0.0)
+    log_s = (x - x.amax(-1, keepdim=True)).logsumexp(-1)
+    entropy_magnitude = 1 + log_s.abs() + (p * d.abs()).sum(-1) + (p * d.square()).sum(-1)
+    finite = torch.isfinite(x)
+    logit_magnitude = torch.where(finite, x.abs(), 0.0).sum(-1) / x.shape[-1]
+    is_argmax = x.argmax(-1) == targets
+
+    def masked(t):
+        return torch.where(mask, t, torch.zeros((), dtype=t.dtype))
+
+    return PolicyMetricTerms(masked(entropy), masked(x.mean(-1)), masked(is_argmax),
+                             masked(entropy_magnitude), masked(logit_magnitude))
+
+
 class SequenceStats(NamedTuple):
     """Per-row float64 statistics, (N,)."""
     logps_margin: torch.Tensor  # sum of log pi_theta(y) - log pi_ref(y)

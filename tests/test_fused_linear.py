@@ -272,16 +272,61 @@ def test_no_gradient_into_reference_and_frozen_weight():
         assert not getattr(out, name).requires_grad
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_policy_metrics_match_materialized(dtype):
+    """The fused head's policy metrics against sequence_stats' on the materialized logits.
+    Small integer hidden states, weights and biases make every logit an integer computed
+    exactly (|logit| <= 67 < 2^8) in any summation order and dtype, so both paths read the
+    same logits, many of them tied: label_is_argmax exactly, the entropy and the mean
+    within twice the oracle bounds (error_bounds.py; each path is within one).
+    chunk_size=3 cuts blocks and tiles."""
+    oracle = pytest.importorskip("oracle")
+    bounds = pytest.importorskip("error_bounds")
+    inputs = make_inputs(4, 9, 16, 8, 70, bias=True, masked_rows=(2,), seed=12)
+    exact = {k: v if v is None or k == "labels" else v.mul(1.5).round().clamp(-2, 2).to(dtype)
+             for k, v in inputs.items()}
+    args = [exact[k] for k in ("policy_hidden", "policy_weight", "ref_hidden", "ref_weight",
+                               "labels")]
+    biases = dict(policy_bias=exact["policy_bias"], ref_bias=exact["ref_bias"])
+    fused = tdpo_ext.fused_linear_sequence_stats(*args, **biases, chunk_size=3,
+                                                 policy_metrics=True)
+    policy_logits = F.linear(exact["policy_hidden"], exact["policy_weight"], biases["policy_bias"])
+    ref_logits = F.linear(exact["ref_hidden"], exact["ref_weight"], biases["ref_bias"])
+    materialized = tdpo_ext.sequence_stats(policy_logits, ref_logits, exact["labels"],
+                                           policy_metrics=True)
+    f, m = fused[3], materialized[3]
+    assert torch.equal(f.mask, m.mask) and torch.equal(f.label_is_argmax, m.label_is_argmax)
+    terms = oracle.policy_metric_terms(policy_logits, exact["labels"])
+    eps = bounds.EPS32
+    for got, want, ulps, magnitude in (
+            (f.entropy, m.entropy, bounds.ENTROPY_ULPS, terms.entropy_magnitude),
+            (f.logit_mean, m.logit_mean, bounds.LOGIT_MEAN_ULPS, terms.logit_magnitude)):
+        atol = 2 * ulps * eps * torch.nn.functional.pad(magnitude, (0, 1))
+        assert bool(((got - want).abs() <= atol).all()), (got - want).abs().max()
+    for got, want in zip(fused[:3], materialized[:3]):
+        torch.testing.assert_close(got, want)
+
+    # tdpo_loss's field; off: None, and the same bits everywhere else.
+    on = fused_linear_tdpo_loss(*args, **biases, chunk_size=3, policy_metrics=True)
+    off = fused_linear_tdpo_loss(*args, **biases, chunk_size=3)
+    assert off.policy_metrics is None
+    assert all(torch.equal(a, b) for a, b in zip(on.policy_metrics, f))
+    assert all(torch.equal(getattr(on, k), getattr(off, k)) for k in FIELDS)
+
+
 # ---------------------------------------------------------------------------------------
 # torch.compile
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("policy_metrics", [False, True])
+def test_compile_fullgraph(policy_metrics):
     inputs = make_inputs(4, 8, 16, 12, 40, bias=True, seed=6)
 
     def step(hidden, weight, bias, ref_hidden, ref_weight, labels):
         out = fused_linear_tdpo_loss(hidden, weight, ref_hidden, ref_weight, labels,
-                                     policy_bias=bias, variant="tdpo2", chunk_size=7)
-        return out.loss, out.chosen_rewards
+                                     policy_bias=bias, variant="tdpo2", chunk_size=7,
+                                     policy_metrics=policy_metrics)
+        logged = out.policy_metrics[:3] if policy_metrics else ()
+        return out.loss, out.chosen_rewards, *logged
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -289,21 +334,22 @@ def test_compile_fullgraph():
     for fn in (compiled, step):
         leaves = [inputs[k].clone().requires_grad_() for k in ("policy_hidden",
                                                                 "policy_weight", "policy_bias")]
-        loss, rewards = fn(*leaves, inputs["ref_hidden"], inputs["ref_weight"],
+        loss, *logged = fn(*leaves, inputs["ref_hidden"], inputs["ref_weight"],
                            inputs["labels"])
         loss.backward()
-        results.append([loss, rewards] + [leaf.grad for leaf in leaves])
+        results.append([loss, *logged] + [leaf.grad for leaf in leaves])
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected)
 
 
-def test_fake_kernels_match_real_ops():
+@pytest.mark.parametrize("policy_metrics", [False, True])
+def test_fake_kernels_match_real_ops(policy_metrics):
     """opcheck: schemas, fake kernels and autograd registration of both ops."""
     inputs = make_inputs(4, 5, 6, 7, 20, bias=True, seed=8)
     targets = tdpo_ext.shift_labels(inputs["labels"])
     args = (inputs["policy_hidden"].requires_grad_(), inputs["policy_weight"].requires_grad_(),
             inputs["policy_bias"], inputs["ref_hidden"], inputs["ref_weight"],
-            inputs["ref_bias"], targets, -100, 3, 0.5, 2.0)
+            inputs["ref_bias"], targets, -100, 3, 0.5, 2.0, policy_metrics)
     torch.library.opcheck(torch.ops.tdpo_ext.fused_linear_token_stats.default, args,
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))

@@ -16,14 +16,15 @@ def token_stats_args(device, policy_dtype, ref_dtype, policy_layout):
     return policy, ref, labels, IGNORE_INDEX
 
 
-@pytest.mark.parametrize("policy_dtype,ref_dtype,policy_layout", [
-    (torch.float32, torch.float32, "contiguous"),
-    (torch.bfloat16, torch.float16, "slice_t"),
-    (torch.float16, torch.float32, "vocab_strided"),
+@pytest.mark.parametrize("policy_dtype,ref_dtype,policy_layout,policy_metrics", [
+    (torch.float32, torch.float32, "contiguous", False),
+    (torch.float32, torch.float32, "contiguous", True),
+    (torch.bfloat16, torch.float16, "slice_t", False),
+    (torch.float16, torch.float32, "vocab_strided", True),
 ])
-def test_token_stats(device, policy_dtype, ref_dtype, policy_layout):
+def test_token_stats(device, policy_dtype, ref_dtype, policy_layout, policy_metrics):
     args = token_stats_args(device, policy_dtype, ref_dtype, policy_layout)
-    torch.library.opcheck(torch.ops.tdpo_ext.token_stats.default, args)
+    torch.library.opcheck(torch.ops.tdpo_ext.token_stats.default, (*args, policy_metrics))
 
 
 @pytest.mark.parametrize("columns", [None, (10, 30)], ids=["whole_rows", "tile"])
@@ -41,20 +42,20 @@ def test_token_stats_backward(device, columns):
     torch.library.opcheck(torch.ops.tdpo_ext.token_stats_backward.default, args)
 
 
-def test_token_stats_tile_and_finish(device):
+@pytest.mark.parametrize("policy_metrics", [False, True])
+def test_token_stats_tile_and_finish(device, policy_metrics):
     policy, ref, targets, ignore_index = token_stats_args(device, torch.float16,
                                                           torch.float32, "slice_t")
     policy = policy.detach()
     # Labels inside the first tile: a label not yet seen is NaN in the state, which
     # opcheck's comparison of eager and traced outputs would count as a mismatch.
     targets = torch.where(targets == ignore_index, targets, targets % 20)
-    first = (policy[..., :20], ref[..., :20], targets, ignore_index, 0, None)
+    first = (policy[..., :20], ref[..., :20], targets, ignore_index, 0, None, policy_metrics)
     torch.library.opcheck(torch.ops.tdpo_ext.token_stats_tile.default, first)
     state = torch.ops.tdpo_ext.token_stats_tile(*first)
-    torch.library.opcheck(torch.ops.tdpo_ext.token_stats_tile.default,
-                          (policy[..., 20:], ref[..., 20:], targets, ignore_index, 20, state))
-    state = torch.ops.tdpo_ext.token_stats_tile(policy[..., 20:], ref[..., 20:], targets,
-                                                ignore_index, 20, state)
+    second = (policy[..., 20:], ref[..., 20:], targets, ignore_index, 20, state, policy_metrics)
+    torch.library.opcheck(torch.ops.tdpo_ext.token_stats_tile.default, second)
+    state = torch.ops.tdpo_ext.token_stats_tile(*second)
     torch.library.opcheck(torch.ops.tdpo_ext.token_stats_finish.default,
                           (state, targets, ignore_index))
 

@@ -18,11 +18,15 @@ ops = torch.ops.tdpo_ext
 STAT_NAMES = ("logp_pol", "logp_ref", "token_kl", "lse_pol", "lse_ref")
 
 
-def tiled_token_stats(policy, ref, targets, ignore_index, edges):
+def tiled_token_stats(policy, ref, targets, ignore_index, edges, *, order=None,
+                      policy_metrics=False):
+    """token_stats_finish of the tiles cut at edges folded by token_stats_tile, in the
+    order of the tile indices `order` (left to right unless given)."""
+    tiles = list(zip(edges, edges[1:]))
     state = None
-    for v0, v1 in zip(edges, edges[1:]):
+    for v0, v1 in (tiles if order is None else [tiles[i] for i in order]):
         state = ops.token_stats_tile(policy[..., v0:v1], ref[..., v0:v1], targets,
-                                     ignore_index, v0, state)
+                                     ignore_index, v0, state, policy_metrics)
     return ops.token_stats_finish(state, targets, ignore_index)
 
 
@@ -68,21 +72,27 @@ def test_tiles_match_whole_rows(device, case, data):
                   name="grad policy_logits")
 
 
-def test_state_layout_and_masked_tokens(device):
+@pytest.mark.parametrize("policy_metrics", [False, True])
+def test_state_layout_and_masked_tokens(device, policy_metrics):
     case = Case(n=2, t=4, v=10, policy_dtype=torch.float32, ref_dtype=torch.float32,
                 masked_rows=(1,), seed=3)
     policy, ref, labels = build(case, device, policy_requires_grad=False)
     targets = tdpo_ext.shift_labels(labels, case.ignore_index)
-    state = ops.token_stats_tile(policy, ref, targets, case.ignore_index, 0, None)
-    assert state.shape == (2, 4, 7) and state.dtype == torch.float32
+    state = ops.token_stats_tile(policy, ref, targets, case.ignore_index, 0, None,
+                                 policy_metrics)
+    floats = 11 if policy_metrics else 7  # 7 + PolicyMetricsState's 4
+    assert state.shape == (2, 4, floats) and state.dtype == torch.float32
     masked = targets == case.ignore_index
     assert torch.all(state[masked] == 0)
     # A whole row in one tile: the label logits of every unmasked token are known.
     label = targets.clamp(min=0).unsqueeze(-1)
     assert torch.equal(state[..., 5][~masked], policy.gather(-1, label).squeeze(-1)[~masked])
     assert torch.equal(state[..., 6][~masked], ref.gather(-1, label).squeeze(-1)[~masked])
-    for out in ops.token_stats_finish(state, targets, case.ignore_index)[:5]:
-        assert torch.all(out[masked] == 0)
+    outputs = ops.token_stats_finish(state, targets, case.ignore_index)
+    for out in outputs if policy_metrics else outputs[:5]:
+        assert out.shape == targets.shape and torch.all(out[masked] == 0)
+    for out in [] if policy_metrics else outputs[5:]:
+        assert out.shape == (0,)
 
 
 def test_label_no_tile_held_gives_nan(device):
@@ -102,13 +112,19 @@ def test_label_no_tile_held_gives_nan(device):
     (lambda p, t: dict(state=torch.zeros(2, 3, 7, dtype=torch.float64, device=p.device)),
      "state must be float32"),
     (lambda p, t: dict(vocab_start=-1), "vocab_start must be >= 0"),
+    # A state folded without the policy metrics, continued with them, and the reverse.
+    (lambda p, t: dict(state=torch.zeros(2, 3, 7, device=p.device), policy_metrics=True),
+     "every tile of a row must be folded with the same policy_metrics"),
+    (lambda p, t: dict(state=torch.zeros(2, 3, 11, device=p.device)),
+     "every tile of a row must be folded with the same policy_metrics"),
 ])
 def test_tile_errors(device, bad, message):
     policy = torch.randn(2, 3, 5, device=device)
     targets = torch.zeros(2, 3, dtype=torch.long, device=device)
-    args = dict(vocab_start=0, state=None) | bad(policy, targets)
+    args = dict(vocab_start=0, state=None, policy_metrics=False) | bad(policy, targets)
     with pytest.raises(RuntimeError, match=message):
-        ops.token_stats_tile(policy, policy, targets, -100, args["vocab_start"], args["state"])
+        ops.token_stats_tile(policy, policy, targets, -100, args["vocab_start"], args["state"],
+                             args["policy_metrics"])
 
 
 def test_finish_and_backward_errors(device):

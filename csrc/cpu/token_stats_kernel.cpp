@@ -73,39 +73,47 @@ struct PartState {
   PolicyMetricsState metrics;
 };
 
-// Folds the maxima of x and r over columns [begin, end) into max_x and max_r.
-template <typename P, typename R>
+// Folds the maxima of x and r over columns [begin, end) into max_x and max_r, and with
+// kSumPolicy the sum of x into sum_x (where the pass waits on its loads more than on its
+// arithmetic, so that the sum costs less than in the exp pass).
+template <bool kSumPolicy, typename P, typename R>
 inline void fold_max(const P* x, const R* r, int64_t begin, int64_t end, float& max_x,
-                     float& max_r) {
+                     float& max_r, float& sum_x) {
   const int64_t vec_end = end - (end - begin) % kLanes;
-  Vec vmax_x(max_x), vmax_r(max_r);
+  Vec vmax_x(max_x), vmax_r(max_r), vsum_x(0.f);
   for (int64_t v = begin; v < vec_end; v += kLanes) {
-    vmax_x = at::vec::maximum(vmax_x, load_as_float(x + v));
+    const Vec xv = load_as_float(x + v);
+    vmax_x = at::vec::maximum(vmax_x, xv);
     vmax_r = at::vec::maximum(vmax_r, load_as_float(r + v));
+    if constexpr (kSumPolicy) vsum_x += xv;
   }
   max_x = hmax(vmax_x);
   max_r = hmax(vmax_r);
+  if constexpr (kSumPolicy) sum_x += hsum(vsum_x);
   for (int64_t v = vec_end; v < end; ++v) {
     max_x = std::max(max_x, static_cast<float>(x[v]));
     max_r = std::max(max_r, static_cast<float>(r[v]));
+    if constexpr (kSumPolicy) sum_x += static_cast<float>(x[v]);
   }
 }
 
 // The state of a chunk of len columns whose label sits at column label_col counted from
 // the chunk's first (anywhere, even outside the chunk). With kMetrics the max pass stops
-// at the label's column to take max_before_label on the way (no extra loads), and the exp
-// pass also sums the centered terms and the logits; without, it is the plain two passes.
+// at the label's column to take max_before_label on the way and sums the logits (no extra
+// loads), and the exp pass also sums the centered terms; without, it is the plain two
+// passes.
 template <bool kMetrics, typename P, typename R>
 PartState chunk_state(const P* x, const R* r, int64_t len, int64_t label_col) {
   float max_x = -INFINITY, max_r = -INFINITY;
   PolicyMetricsState m = empty_metrics_state();
   if constexpr (kMetrics) {
     const int64_t before_label = std::clamp<int64_t>(label_col, 0, len);
-    fold_max(x, r, 0, before_label, max_x, max_r);
+    fold_max<true>(x, r, 0, before_label, max_x, max_r, m.logit_sum);
     m.max_before_label = max_x;
-    fold_max(x, r, before_label, len, max_x, max_r);
+    fold_max<true>(x, r, before_label, len, max_x, max_r, m.logit_sum);
+    m.columns = static_cast<float>(len);
   } else {
-    fold_max(x, r, 0, len, max_x, max_r);
+    fold_max<false>(x, r, 0, len, max_x, max_r, m.logit_sum);
   }
 
   const int64_t vec_end = len - len % kLanes;
@@ -113,7 +121,7 @@ PartState chunk_state(const P* x, const R* r, int64_t len, int64_t label_col) {
   const float gap = frame_gap(max_x, max_r);
   const Vec vshift_x(shift_x), vshift_r(shift_r), vgap(gap), zero(0.f);
   const Vec lowest(std::numeric_limits<float>::lowest());
-  Vec sum_x(0.f), sum_r(0.f), diff_sum(0.f), centered_sum(0.f), logit_sum(0.f);
+  Vec sum_x(0.f), sum_r(0.f), diff_sum(0.f), centered_sum(0.f);
   for (int64_t v = 0; v < vec_end; v += kLanes) {
     const Vec xv = load_as_float(x + v);
     const Vec rv = load_as_float(r + v);
@@ -122,9 +130,9 @@ PartState chunk_state(const P* x, const R* r, int64_t len, int64_t label_col) {
     sum_x += ex;
     if constexpr (kMetrics) {
       // centered_term, lane-wise: where x is -inf, ex is 0 and cx -inf, and 0 * lowest
-      // is 0 where 0 * -inf would be NaN; a finite cx is unchanged.
-      centered_sum += ex * at::vec::maximum(cx, lowest);
-      logit_sum += xv;
+      // is 0 where 0 * -inf would be NaN; a finite cx is unchanged (and a NaN one gives
+      // a NaN ex). One fused multiply-add: the loop's cost is in its arithmetic.
+      centered_sum = at::vec::fmadd(ex, at::vec::clamp_min(cx, lowest), centered_sum);
     }
     const Vec er = (rv - vshift_r).exp_u20();
     sum_r += er;
@@ -132,11 +140,7 @@ PartState chunk_state(const P* x, const R* r, int64_t len, int64_t label_col) {
     diff_sum += Vec::blendv(er * ((rv - xv) - vgap), zero, er == zero);
   }
   PartState s{{max_x, hsum(sum_x), max_r, hsum(sum_r), hsum(diff_sum)}, m};
-  if constexpr (kMetrics) {
-    s.metrics.centered_sum = hsum(centered_sum);
-    s.metrics.logit_sum = hsum(logit_sum);
-    s.metrics.columns = static_cast<float>(len);
-  }
+  if constexpr (kMetrics) s.metrics.centered_sum = hsum(centered_sum);
   for (int64_t v = vec_end; v < len; ++v) {
     const float xv = static_cast<float>(x[v]), rv = static_cast<float>(r[v]);
     const float er = std::exp(rv - shift_r);
@@ -144,10 +148,7 @@ PartState chunk_state(const P* x, const R* r, int64_t len, int64_t label_col) {
     s.softmax.sum_pol += ex;
     s.softmax.sum_ref += er;
     s.softmax.ref_diff_sum += ref_diff_term(er, rv, xv, gap);
-    if constexpr (kMetrics) {
-      s.metrics.centered_sum += centered_term(ex, xv - shift_x);
-      s.metrics.logit_sum += xv;
-    }
+    if constexpr (kMetrics) s.metrics.centered_sum += centered_term(ex, xv - shift_x);
   }
   return s;
 }
