@@ -68,22 +68,12 @@ def _per_token(values: torch.Tensor) -> torch.Tensor:
 
 def metric_atols(policy: torch.Tensor, labels: torch.Tensor,
                  ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, T) absolute tolerances of entropy and logit_mean (0 where masked): ULPS * EPS32
-    times the sums of |terms| they are computed from, the rule of the other statistics.
-    entropy = log(sum_v exp(x_v - max)) - E_p[x - max] (csrc/tdpo_math.h): 1 for the
-    relative rounding of the sums, |log sum|, E_p|x - max| (a zero probability adds
-    nothing, also at a -inf logit); logit_mean = sum_v x_v / V: the mean |x_v| over the
-    finite logits (a -inf one makes it -inf, which must match exactly)."""
-    x = policy.detach().double()[:, :-1]
-    mask = labels[:, 1:] != ignore_index
-    log_p = x.log_softmax(-1)
-    p = log_p.exp()
-    top = log_p.amax(-1, keepdim=True)
-    spread = (p * torch.where(p > 0, (log_p - top).abs(), 0.0)).sum(-1)
-    entropy = 1 + top.squeeze(-1).abs() + spread
-    logit_mean = torch.where(torch.isfinite(x), x.abs(), 0.0).mean(-1)
-    return tuple(_per_token(ULPS * EPS32 * torch.where(mask, m, 0.0))
-                 for m in (entropy, logit_mean))
+    """(N, T) absolute tolerances of entropy and logit_mean (0 where masked): each device
+    is within error_bounds' ENTROPY_ULPS / LOGIT_MEAN_ULPS of the oracle's magnitudes, so
+    the two are within twice those of each other."""
+    terms = oracle.policy_metric_terms(policy, labels, ignore_index)
+    return (_per_token(2 * error_bounds.ENTROPY_ULPS * EPS32 * terms.entropy_magnitude),
+            _per_token(2 * error_bounds.LOGIT_MEAN_ULPS * EPS32 * terms.logit_magnitude))
 
 
 def _assert_stats_within(got, want, tokens: oracle.TokenTerms, metrics_atol, what: str) -> None:
